@@ -1,0 +1,109 @@
+"""Capture: validate the user's model and example inputs, copy the model, trace it with torch.fx.
+
+The user's model is never touched: tracing works on a deep copy, and the copy is what gets
+rewritten (``inplace=True`` skips the copy and rewrites the model's own modules).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import InputError, TraceError, UnsupportedModelError
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def as_input_tuple(example_inputs: Any) -> tuple | None:
+    """Normalise ``example_inputs`` (None, a tensor, or a sequence of tensors) to a tuple."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in example_inputs):
+        return tuple(example_inputs)
+    raise InputError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {_describe(example_inputs)}. "
+        "Pass the positional arguments of model.forward, e.g. (torch.randn(1, 3, 224, 224),)."
+    )
+
+
+def check_model(model: Any) -> None:
+    """Raise a named error when ``model`` cannot be rewritten as it stands."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"fxfuse needs a torch.nn.Module, got {_describe(model)}.")
+    if model.training:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is in training mode. fxfuse's rewrites are inference-time "
+            "(BatchNorm uses running statistics, Dropout is off): call model.eval() first."
+        )
+    for name, param in model.named_parameters():
+        if param.is_quantized or param.dtype not in FLOAT_DTYPES:
+            raise UnsupportedModelError(
+                f"parameter {name!r} has dtype {param.dtype}; fxfuse rewrites floating-point models "
+                f"({', '.join(str(d) for d in FLOAT_DTYPES)}). Rewrite the float model, then quantize."
+            )
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.dtype.is_floating_point and not torch.isfinite(tensor).all():
+            raise UnsupportedModelError(
+                f"{name!r} holds NaN or Inf values: a rewrite of non-finite weights cannot be verified. "
+                "Fix the weights (or the checkpoint they came from) first."
+            )
+
+
+def capture(model: nn.Module, *, inplace: bool = False, leaf_modules: Iterable[type] = (),
+            concrete_args: dict | None = None) -> fx.GraphModule:
+    """Trace (a copy of) ``model`` into a GraphModule, turning trace failures into ``TraceError``."""
+    check_model(model)
+    target = model if inplace else _copy(model)
+    tracer = _LeafTracer(tuple(leaf_modules))
+    try:
+        graph = tracer.trace(target, concrete_args=concrete_args)
+    except Exception as e:  # torch raises several types (TraceError, TypeError, NotImplementedError)
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}.forward: {type(e).__name__}: {e}\n"
+            "Fix: mark the submodule that holds data-dependent control flow as a leaf "
+            "(optimize(..., leaf_modules=[ThatModule])), or fix the offending argument with "
+            "optimize(..., concrete_args={'flag': value})."
+        ) from e
+    name = type(target).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def check_inputs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Any:
+    """Run the traced graph on ``example_inputs`` once; return its outputs or raise ``InputError``."""
+    try:
+        with torch.no_grad():
+            return gm(*example_inputs)
+    except Exception as e:
+        shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in example_inputs)
+        raise InputError(
+            f"the model does not run on the example inputs ({shapes}): {type(e).__name__}: {e}\n"
+            "Fix: pass inputs of the shape and dtype model.forward expects, on the model's device."
+        ) from e
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple):
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:
+        raise InputError(
+            f"could not copy {type(model).__name__} to protect it from the rewrite: {e}. "
+            "Fix: make the model deep-copyable, or pass inplace=True to rewrite it in place."
+        ) from e
+
+
+def _describe(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"

@@ -1,0 +1,164 @@
+"""Runs an ordered list of passes to a fixed point, verifying each rewrite before it is applied.
+
+A pass is stateless: ``name`` and ``candidates(gm, options) -> list[Candidate]``. Each candidate
+is a chain of nodes plus either the module that replaces it or the reason it is left alone. The
+manager keeps the books: overlap filtering, local verification against the original chain on
+recorded activations, graph surgery, and the report rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import PassError
+from .graph import Chain, fetch_attr, rel_error, replace_chain, tidy, where
+from .report import Row, layer_macs, weight_macs
+
+
+@dataclass
+class Options:
+    """Knobs shared by the passes."""
+
+    tau: float = 1e-4  # PReLU slopes within τ of 1 count as linear (LayerCollapse's threshold)
+    force: bool = False  # apply even where the compression gain (Eq. 7 / Eq. 8) is not positive
+    tolerance: float = 1e-5  # max relative error of an exact rewrite
+    conv_tolerance: float = 1e-4  # ... of a conv composition (longer accumulations)
+    approx_tolerance: float = 1e-2  # ... of an approximate rewrite (slopes within τ but not 1)
+    data_free: bool = False  # no example inputs: only provably exact rewrites, no shapes
+
+
+@dataclass
+class Candidate:
+    """A matched chain and what to do with it: ``replacement`` to apply, or ``reason`` to skip."""
+
+    chain: Chain
+    replacement: nn.Module | None = None
+    reason: str = ""
+    exact: bool = True
+    tolerance: float = 1e-5
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return tuple(n.name for n in self.chain.nodes)
+
+
+class Pass(Protocol):
+    name: str
+
+    def candidates(self, gm: fx.GraphModule, options: Options) -> list[Candidate]: ...
+
+
+def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], options: Options,
+               inputs: tuple | None) -> list[Row]:
+    """Apply every pass until it finds nothing more to do; return one report row per decision."""
+    rows: list[Row] = []
+    for i, p in enumerate(passes):
+        try:
+            rows += _run_to_fixed_point(gm, p, options, inputs)
+        except Exception as e:
+            before = ", ".join(q.name for q in passes[:i]) or "none"
+            raise PassError(f"pass {p.name!r} failed (passes run before it: {before}): "
+                            f"{type(e).__name__}: {e}") from e
+    return rows
+
+
+def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
+    rows, rejected = [], set()
+    while True:
+        found = [c for c in p.candidates(gm, options) if c.key not in rejected]
+        todo = _without_overlaps([c for c in found if c.replacement is not None and (c.exact or not options.data_free)])
+        skipped = [c for c in found if c.replacement is None or (not c.exact and options.data_free)]
+        values = _record(gm, inputs, {c.chain.input for c in todo}) if inputs is not None else {}
+        applied = 0
+        for c in todo:
+            error = _chain_error(gm, c, values[c.chain.input]) if values else None
+            row = _row(gm, p.name, c, error)
+            if error is not None and not error <= c.tolerance:
+                row.status, row.reason = "rejected", f"error {error:.2e} > tolerance {c.tolerance:g}"
+                rejected.add(c.key)
+            else:
+                replace_chain(gm, c.chain, c.replacement, p.name)
+                applied += 1
+            rows.append(row)
+        if not applied:
+            for c in skipped:
+                reason = c.reason or "approximate (PReLU slope ≠ 1): needs example inputs to measure its error"
+                rows.append(Row(p.name, "skipped", _where(gm, c), reason=reason))
+            return rows
+        tidy(gm)
+
+
+def _without_overlaps(candidates: list[Candidate]) -> list[Candidate]:
+    """Greedy in graph order: a node is rewritten by at most one candidate per round."""
+    taken, kept = set(), []
+    for c in candidates:
+        nodes = set(c.chain.nodes) | {c.chain.input}
+        if not nodes & taken:
+            kept.append(c)
+            taken |= set(c.chain.nodes)
+    return kept
+
+
+class _Recorder(ShapeProp):
+    """ShapeProp (fills ``meta['tensor_meta']``) that also keeps the values of chosen nodes."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = result
+        return result
+
+
+def _record(gm: fx.GraphModule, inputs: tuple, wanted: set) -> dict:
+    recorder = _Recorder(gm, wanted)
+    with torch.no_grad():
+        recorder.propagate(*inputs)
+    return recorder.values
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
+    _record(gm, inputs, set())
+
+
+def _chain_error(gm: fx.GraphModule, c: Candidate, x: torch.Tensor) -> float:
+    """Relative error of the replacement against the original chain on the recorded input."""
+    interp = fx.Interpreter(gm)
+    interp.env[c.chain.input] = x
+    with torch.no_grad():
+        for node in c.chain.nodes:
+            for arg in node.all_input_nodes:
+                if arg not in interp.env:  # get_attr nodes feeding F.linear
+                    interp.env[arg] = interp.run_node(arg)
+            interp.env[node] = interp.run_node(node)
+        return rel_error(c.replacement(x), interp.env[c.chain.nodes[-1]])
+
+
+def _row(gm, pass_name: str, c: Candidate, error: float | None) -> Row:
+    macs = [layer_macs(gm, n) for n in c.chain.nodes]
+    macs = [m for m in macs if m is not None]
+    out_meta = c.chain.nodes[-1].meta.get("tensor_meta")
+    macs_after = None if out_meta is None else weight_macs(out_meta.shape, c.replacement.weight)
+    return Row(pass_name, "applied", _where(gm, c),
+               params_before=sum(p.numel() for n in c.chain.nodes for p in _params(gm, n)),
+               params_after=sum(p.numel() for p in c.replacement.parameters()),
+               macs_before=sum(macs) if macs and macs_after is not None else None, macs_after=macs_after,
+               error=error, exact=c.exact, tolerance=c.tolerance)
+
+
+def _where(gm, c: Candidate) -> list[str]:
+    return [w for n in c.chain.nodes for w in where(gm, n)]
+
+
+def _params(gm: fx.GraphModule, node: fx.Node):
+    if node.op == "call_module":
+        yield from gm.get_submodule(node.target).parameters()
+    yield from (fetch_attr(gm, a.target) for a in node.all_input_nodes if a.op == "get_attr")

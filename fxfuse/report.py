@@ -1,0 +1,115 @@
+"""What optimize did: one row per rewrite and per skipped candidate, as a table or JSON."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch.fx as fx
+from torch import nn
+
+from .graph import as_layer
+
+
+@dataclass
+class Row:
+    """One rewrite (status 'applied'), or one candidate left alone ('skipped', 'rolled back')."""
+
+    pass_name: str
+    status: str  # 'applied', 'skipped' (a precondition fails) or 'rejected' (verification failed)
+    where: list[str]
+    params_before: int | None = None
+    params_after: int | None = None
+    macs_before: int | None = None
+    macs_after: int | None = None
+    error: float | None = None  # measured max relative error on the example inputs
+    exact: bool | None = None
+    tolerance: float | None = None  # the error the rewrite was allowed
+    reason: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+    error: float | None = None  # end-to-end, original vs optimized, on the example inputs
+    seconds: float = 0.0
+
+    @property
+    def applied(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "applied"]
+
+    @property
+    def skipped(self) -> list[Row]:
+        return [r for r in self.rows if r.status != "applied"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self) -> str:
+        """A fixed-width text table: one line per row, then the totals."""
+        head = f"{'pass':<16} {'status':<11} {'params':>21} {'MACs':>25} {'error':>9}  where / reason"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            detail = ", ".join(r.where) + (f"  — {r.reason}" if r.reason else "")
+            lines.append(f"{r.pass_name:<16} {r.status:<11} {_arrow(r.params_before, r.params_after):>21} "
+                         f"{_arrow(r.macs_before, r.macs_after):>25} {_num(r.error):>9}  {detail}")
+        lines.append("-" * len(head))
+        lines.append(f"{'model':<16} {len(self.applied):>3} applied {_arrow(self.params_before, self.params_after):>21} "
+                     f"{_arrow(self.macs_before, self.macs_after):>25} {_num(self.error):>9}  "
+                     f"{len(self.skipped)} skipped, {self.seconds:.2f} s")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def count_params(module: nn.Module) -> int:
+    """Parameters counted once per tensor, however many names share it."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def layer_macs(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """Multiply-accumulates of a Linear/Conv node: output elements × (in/groups · kernel volume)."""
+    layer = as_layer(gm, node)
+    meta = node.meta.get("tensor_meta")
+    if layer is None or meta is None:
+        return None
+    return weight_macs(meta.shape, layer.weight)
+
+
+def weight_macs(out_shape, weight) -> int:
+    """Output elements × weight elements per output channel (in/groups · kernel volume)."""
+    return _numel(out_shape) * _numel(weight.shape[1:])
+
+
+def count_macs(gm: fx.GraphModule) -> int | None:
+    """MACs of every Linear and Conv in a shape-propagated graph (None without shapes)."""
+    total = 0
+    for node in gm.graph.nodes:
+        if as_layer(gm, node) is not None:
+            macs = layer_macs(gm, node)
+            if macs is None:
+                return None
+            total += macs
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _arrow(a, b) -> str:
+    return "" if a is None else f"{a:,} → {b:,}" if b is not None else f"{a:,}"
+
+
+def _num(x) -> str:
+    return "" if x is None else f"{x:.1e}"

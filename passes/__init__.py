@@ -1,0 +1,12 @@
+"""The rewrite passes, one module per family, in the order ``optimize`` runs them.
+
+A pass is an object with a ``name`` and ``candidates(gm, options) -> list[Candidate]``; the
+shared machinery in ``fxfuse.pass_manager`` verifies, applies and reports what they find.
+"""
+from .collapse_linear import CollapseLinear
+from .compose_conv import ComposeConv
+from .fold_batchnorm import FoldBatchNorm
+
+DEFAULT_PASSES = (FoldBatchNorm(), CollapseLinear(), ComposeConv())
+
+__all__ = ["CollapseLinear", "ComposeConv", "FoldBatchNorm", "DEFAULT_PASSES"]

@@ -1,0 +1,118 @@
+"""compose: Conv → [BatchNorm | PReLU(α≈1) | Dropout | Identity]* → Conv becomes one Conv.
+
+With the middle folded into the first conv (``fxfuse.affine``), the second conv reads
+h[i] = Σ_a W1[a]·x[s1·i + d1·a − p1] + b1 at positions s2·j + d2·b, so
+
+    y[j] = Σ_c K[c]·x[s1·s2·j + c − p1] + b2 + Σ_b W2[b]·b1,   K[s1·d2·b + d1·a] += W2[b]·W1[a]
+
+per spatial dim: kernel size s1·d2·(k2 − 1) + d1·(k1 − 1) + 1 (k1 + k2 − 1 for unit stride and
+dilation, LayerCollapse Sec. 3.1), stride s1·s2, the first conv's padding and padding mode,
+dilation 1. Grouped convs compose through their dense (block-diagonal) form; equal group
+counts stay grouped.
+
+Exact when the second conv has no padding (its zero padding of the hidden map is not what the
+composed kernel sees at the borders) and the first conv's padding is symmetric. Applied only
+where it pays, the corrected Eq. 8 (the printed one is new/old inverted against Eq. 7):
+
+    Gain_conv = 1 − k²·c_in·c_out / (k1²·c_in·c_hidden + k2²·c_hidden·c_out) > 0.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxfuse.affine import ChannelAffine, affine_between, fold_into_weights, is_between_op, new_conv
+from fxfuse.graph import Layer, as_layer, find_chains, is_conv
+from fxfuse.pass_manager import Candidate, Options
+
+
+def symmetric_padding(conv) -> tuple[int, ...] | None:
+    """Per-dim padding of ``conv`` as numbers; None for an asymmetric 'same' padding."""
+    if not isinstance(conv.padding, str):
+        return tuple(conv.padding)
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    return tuple(t // 2 for t in totals) if all(t % 2 == 0 for t in totals) else None
+
+
+def dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """(out, in/g, *k) grouped weight as the equivalent block-diagonal (out, in, *k) weight."""
+    out_g, in_g = weight.shape[0] // groups, weight.shape[1]
+    dense = weight.new_zeros(weight.shape[0], in_g * groups, *weight.shape[2:])
+    for g in range(groups):
+        dense[g * out_g:(g + 1) * out_g, g * in_g:(g + 1) * in_g] = weight[g * out_g:(g + 1) * out_g]
+    return dense
+
+
+def grouped_weight(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of ``dense_weight``: the diagonal blocks, stacked along the output channels."""
+    out_g, in_g = dense.shape[0] // groups, dense.shape[1] // groups
+    return torch.cat([dense[g * out_g:(g + 1) * out_g, g * in_g:(g + 1) * in_g] for g in range(groups)])
+
+
+def compose_kernels(w1: torch.Tensor, w2: torch.Tensor, stride1, dilation1, dilation2) -> torch.Tensor:
+    """K = W2 ∘ W1 for dense weights w1 (hidden, in, *k1), w2 (out, hidden, *k2)."""
+    k1, k2 = w1.shape[2:], w2.shape[2:]
+    size = [s * d2 * (b - 1) + d1 * (a - 1) + 1 for a, b, s, d1, d2 in zip(k1, k2, stride1, dilation1, dilation2)]
+    kernel = w1.new_zeros(w2.shape[0], w1.shape[1], *size)
+    for b in itertools.product(*(range(n) for n in k2)):
+        start = [s * d2 * i for i, s, d2 in zip(b, stride1, dilation2)]
+        window = tuple(slice(o, o + d1 * (a - 1) + 1, d1) for o, a, d1 in zip(start, k1, dilation1))
+        kernel[(slice(None), slice(None)) + window] += torch.einsum("oh,hi...->oi...", w2[(..., *b)], w1)
+    return kernel
+
+
+def compose_gain(w1: torch.Tensor, w2: torch.Tensor, composed: torch.Tensor) -> float:
+    """Corrected Eq. 8: 1 − (composed weights) / (weights of the two convs)."""
+    return 1 - composed.numel() / (w1.numel() + w2.numel())
+
+
+def composition_problem(c1, c2) -> str | None:
+    """Why ``c2 ∘ c1`` is not one exact conv, or None."""
+    if type(c1) is not type(c2):
+        return f"{type(c1).__name__} → {type(c2).__name__}: different dimensionality"
+    if symmetric_padding(c2) != (0,) * len(c2.kernel_size):
+        return f"the second conv pads the hidden map (padding={c2.padding!r}); composing would change the borders"
+    if symmetric_padding(c1) is None:
+        return f"the first conv's padding {c1.padding!r} is asymmetric"
+    return None
+
+
+def compose_convs(first: Layer, second: Layer, affine: ChannelAffine) -> nn.Module:
+    """The single conv computing ``second(affine(first(x)))`` (see the module docstring)."""
+    c1, c2 = first.conv, second.conv
+    w1, b1 = fold_into_weights(first.weight, first.bias, affine)
+    w1, w2 = dense_weight(w1, c1.groups), dense_weight(second.weight.detach().double(), c2.groups)
+    groups = c1.groups if c1.groups == c2.groups else 1
+    kernel = grouped_weight(compose_kernels(w1, w2, c1.stride, c1.dilation, c2.dilation), groups)
+    bias = w2.sum(dim=tuple(range(2, w2.dim()))) @ b1
+    if second.bias is not None:
+        bias = bias + second.bias.detach().double()
+    stride = tuple(a * b for a, b in zip(c1.stride, c2.stride))
+    return new_conv(c1, kernel, bias, stride=stride, padding=symmetric_padding(c1), dilation=1, groups=groups)
+
+
+class ComposeConv:
+    name = "compose"
+
+    def candidates(self, gm: fx.GraphModule, options: Options) -> list[Candidate]:
+        found = []
+        for chain, reason in find_chains(gm, is_conv, is_between_op, is_conv):
+            first, second = as_layer(gm, chain.nodes[0]), as_layer(gm, chain.nodes[-1])
+            reason = reason or composition_problem(first.conv, second.conv)
+            affine = reason or affine_between(gm, first, chain.middle, options.tau)
+            if isinstance(affine, str):
+                found.append(Candidate(chain, reason=affine))
+                continue
+            module = compose_convs(first, second, affine)
+            gain = compose_gain(first.weight, second.weight, module.weight)
+            if gain <= 0 and not options.force:
+                found.append(Candidate(chain, reason=f"compression gain (Eq. 8, corrected) {gain:.2f} ≤ 0"))
+                continue
+            found.append(Candidate(chain, module, exact=affine.exact,
+                                   tolerance=options.conv_tolerance if affine.exact else options.approx_tolerance))
+        return found

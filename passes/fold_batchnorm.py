@@ -1,0 +1,39 @@
+"""fold_batchnorm: eval-mode BatchNorm folded into the Conv or Linear before it.
+
+    y = s ⊙ (W ⋆ x + b) + t  =  (diag(s)·W) ⋆ x + (s ⊙ b + t),   s = γ/√(σ² + ε),  t = β − μ·s
+
+(LayerCollapse Eq. 6 / Algorithm 1 lines 3–5; the same algebra as ``torch.nn.utils.fusion``).
+
+Exact when: BN is in eval mode with running statistics, and normalises the layer's output-channel
+axis (Conv2d/3d always; Conv1d and Linear need example inputs to prove the rank: 3 and 2).
+Eval-mode Dropout and Identity between the two are seen through. Folding into the *following*
+layer is not done: a following conv's zero padding is applied after BN's shift.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from fxfuse.affine import ChannelAffine, batchnorm_affine, batchnorm_problem, fold_into_weights, new_conv, new_linear
+from fxfuse.graph import as_layer, find_chains, is_batchnorm, is_identity, is_layer, module_of
+from fxfuse.pass_manager import Candidate, Options
+
+
+class FoldBatchNorm:
+    name = "fold_batchnorm"
+
+    def candidates(self, gm: fx.GraphModule, options: Options) -> list[Candidate]:
+        found = []
+        for chain, reason in find_chains(gm, is_layer, is_identity, is_batchnorm):
+            if reason:
+                found.append(Candidate(chain, reason=reason))
+                continue
+            layer = as_layer(gm, chain.nodes[0])
+            bn = module_of(gm, chain.nodes[-1])
+            problem = batchnorm_problem(bn, layer)
+            if problem:
+                found.append(Candidate(chain, reason=problem))
+                continue
+            weight, bias = fold_into_weights(layer.weight, layer.bias, ChannelAffine(*batchnorm_affine(bn)))
+            module = new_conv(layer.conv, weight, bias) if layer.is_conv else new_linear(weight, bias, layer.weight)
+            found.append(Candidate(chain, module, tolerance=options.tolerance))
+        return found
