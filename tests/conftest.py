@@ -1,0 +1,50 @@
+import pytest
+import torch
+from torch import nn
+
+import fxfuse
+
+
+def max_rel_error(new, ref) -> float:
+    """max |new - ref| / max |ref|, the measure of fxfuse's tolerances."""
+    return ((new.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters."""
+    for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator) * 0.5)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) * 1.5 + 0.5)
+            if bn.affine:
+                bn.weight.copy_(torch.randn(bn.num_features, generator=generator) * 0.2 + 1)
+                bn.bias.copy_(torch.randn(bn.num_features, generator=generator) * 0.2)
+    return model
+
+
+def optimize_and_compare(model: nn.Module, inputs: tuple, rtol: float = 1e-5, **kwargs):
+    """optimize(model, inputs); assert the result computes the same (fresh inputs too); return (gm, report)."""
+    gm = fxfuse.optimize(model, inputs, **kwargs)
+    with torch.no_grad():
+        for x in (inputs, tuple(torch.randn_like(t) for t in inputs)):
+            err = max_rel_error(gm(*x), model(*x))
+            assert err <= rtol, f"optimized model differs by {err:.2e} > {rtol:g}"
+    return gm, fxfuse.report_of(gm)
+
+
+def applied(report, pass_name: str) -> list:
+    return [r for r in report.applied if r.pass_name == pass_name]
+
+
+def skipped(report, pass_name: str) -> list:
+    return [r for r in report.skipped if r.pass_name == pass_name]
+
+
+def count(module: nn.Module, kind) -> int:
+    return sum(isinstance(m, kind) for m in module.modules())
+
+
+@pytest.fixture(params=range(4))
+def seed(request):
+    torch.manual_seed(request.param)
+    return request.param

@@ -1,0 +1,144 @@
+import copy
+import json
+
+import pytest
+import torch
+from conftest import count, optimize_and_compare, randomize_batchnorm
+from torch import nn
+
+import fxfuse
+from fxfuse.models import demo_inputs, demo_model
+
+
+def test_users_model_is_unchanged():
+    model = demo_model()
+    state = copy.deepcopy(model.state_dict())
+    modes = [m.training for m in model.modules()]
+    grads = [p.requires_grad for p in model.parameters()]
+    gm = fxfuse.optimize(model, demo_inputs())
+    assert fxfuse.report_of(gm).applied
+    after = model.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert modes == [m.training for m in model.modules()] and grads == [p.requires_grad for p in model.parameters()]
+    assert not any(p is q for p in gm.parameters() for q in model.parameters())
+
+
+def test_report_rows_and_json():
+    gm = fxfuse.optimize(demo_model(), demo_inputs())
+    report = fxfuse.report_of(gm)
+    data = json.loads(report.to_json())
+    assert {r["pass_name"] for r in data["rows"]} == {"fold_batchnorm", "collapse", "compose"}
+    assert data["params_after"] < data["params_before"] and data["macs_after"] < data["macs_before"]
+    for row in report.applied:
+        assert row.error <= row.tolerance and row.params_after <= row.params_before and row.where
+    for row in report.skipped:
+        assert row.reason
+    assert report.error <= 1e-4
+    assert "skipped" in report.table() and "Eq. 7" in report.table()
+
+
+class Twice(nn.Module):
+    """One module called at two sites: each site is rewritten on its own, the shared module kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 64), nn.PReLU(init=1.0), nn.Linear(64, 8)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        x = self.fc2(self.act(self.fc1(x)))
+        return self.fc1(self.norm(x))
+
+
+def test_module_called_twice_is_kept_where_still_used():
+    gm, report = optimize_and_compare(Twice().eval(), (torch.randn(3, 8),))
+    assert len(report.applied) == 1 and count(gm, nn.Linear) == 2
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 64), nn.PReLU(init=1.0), nn.Linear(64, 16)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+def test_residual_block_collapses_and_keeps_the_skip():
+    gm, report = optimize_and_compare(Residual().eval(), (torch.randn(3, 5, 16),))
+    assert count(gm, nn.Linear) == 1
+
+
+# --- bad inputs: every error names the cause and the fix -------------------------------------
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return x
+
+
+def test_not_a_module():
+    with pytest.raises(fxfuse.InputError, match="torch.nn.Module"):
+        fxfuse.optimize(lambda x: x)
+
+
+def test_untraceable_forward_names_the_construct_and_the_fix():
+    with pytest.raises(fxfuse.TraceError, match="(?s)Branchy.*control flow.*leaf_modules"):
+        fxfuse.optimize(Branchy().eval())
+
+
+def test_untraceable_submodule_can_be_made_a_leaf():
+    model = nn.Sequential(nn.Linear(4, 32), nn.PReLU(init=1.0), nn.Linear(32, 4), Branchy()).eval()
+    gm, _ = optimize_and_compare(model, (torch.randn(2, 4),), leaf_modules=[Branchy])
+    assert count(gm, nn.Linear) == 2  # the collapsed one and the leaf's own
+
+
+def test_wrong_input_shape():
+    with pytest.raises(fxfuse.InputError, match=r"(?s)\(2, 5\).*shape and dtype"):
+        fxfuse.optimize(nn.Sequential(nn.Linear(4, 4)).eval(), (torch.randn(2, 5),))
+
+
+def test_inputs_that_are_not_tensors():
+    with pytest.raises(fxfuse.InputError, match="tensor or a tuple of tensors"):
+        fxfuse.optimize(nn.Linear(4, 4).eval(), [[1.0, 2.0]])
+
+
+def test_training_mode():
+    with pytest.raises(fxfuse.UnsupportedModelError, match=r"training mode.*model.eval\(\)"):
+        fxfuse.optimize(nn.Linear(4, 4))
+
+
+def test_integer_weights():
+    model = nn.Linear(4, 4).eval()
+    model.weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(fxfuse.UnsupportedModelError, match="int32"):
+        fxfuse.optimize(model)
+
+
+def test_non_finite_weights():
+    model = nn.Linear(4, 4).eval()
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(fxfuse.UnsupportedModelError, match="NaN"):
+        fxfuse.optimize(model)
+
+
+def test_a_rewrite_beyond_tolerance_is_rejected_not_applied():
+    model = nn.Sequential(nn.Linear(10, 80), nn.PReLU(init=1 - 5e-5), nn.Linear(80, 10)).eval()
+    x = (torch.randn(64, 10),)
+    gm = fxfuse.optimize(model, x, approx_tolerance=1e-9)
+    report = fxfuse.report_of(gm)
+    assert not report.applied and report.rows[0].status == "rejected" and "tolerance" in report.rows[0].reason
+    assert count(gm, nn.Linear) == 2
+
+
+def test_float64_model_is_rewritten_in_float64():
+    model = randomize_batchnorm(demo_model()).double()
+    gm, report = optimize_and_compare(model, tuple(x.double() for x in demo_inputs()), rtol=1e-12,
+                                      tolerance=1e-12, conv_tolerance=1e-12)
+    assert all(p.dtype == torch.float64 for p in gm.parameters()) and report.applied
