@@ -1,0 +1,63 @@
+"""Run the differential fuzzer (tests/fuzzing.py) over many seeds in parallel; write JSON.
+
+    python benchmarks/fuzz.py --graphs 20000 --workers 2 --out benchmarks/results/fuzz.json
+
+Every graph is optimized with and without example inputs and compared with the original on fresh
+inputs. A failure is recorded with its seed; replay it with ``fuzzing.check(seed)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+import torch  # noqa: E402
+from fuzzing import check  # noqa: E402
+
+
+def run_chunk(seeds: range) -> dict:
+    torch.set_num_threads(1)
+    applied = skipped = 0
+    failures = []
+    for seed in seeds:
+        try:
+            outcome = check(seed)
+            applied, skipped = applied + outcome.applied, skipped + outcome.skipped
+        except Exception as e:  # a wrong rewrite (AssertionError) or a crash: both are failures
+            failures.append({"seed": seed, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+    return {"graphs": len(seeds), "applied": applied, "skipped": skipped, "failures": failures}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--graphs", type=int, default=20000)
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--out", default="benchmarks/results/fuzz.json")
+    args = parser.parse_args()
+    step = 250
+    chunks = [range(s, min(s + step, args.start + args.graphs)) for s in range(args.start, args.start + args.graphs, step)]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.workers) as pool:
+        parts = list(pool.map(run_chunk, chunks))
+    total = {k: sum(p[k] for p in parts) for k in ("graphs", "applied", "skipped")}
+    failures = [f for p in parts for f in p["failures"]]
+    result = {"command": "python " + " ".join(sys.argv), "seeds": [args.start, args.start + args.graphs],
+              **total, "wrong_or_crashed": len(failures), "failures": failures[:50],
+              "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
+              "python": platform.python_version(), "cpus": os.cpu_count()}
+    print(f"{total['graphs']} graphs, {total['applied']} rewrites applied, {total['skipped']} candidates skipped, "
+          f"{len(failures)} wrong or crashed, {result['seconds']} s")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

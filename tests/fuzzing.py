@@ -1,0 +1,214 @@
+"""A differential fuzzer for fxfuse: random models, optimized with and without inputs, compared.
+
+``random_program(seed)`` builds an eval-mode ``nn.Module`` whose forward is a random straight-line
+program over what the passes match (Linear, F.linear, PReLU with unit / random / near-unit slopes,
+BatchNorm, Conv1d/2d with random kernel, stride, padding, groups, dilation and padding mode,
+Dropout, Identity) mixed with what real models put around them (residual adds, reshapes, values
+read twice, a module called twice, functional activations, LayerNorm, attention-like matmuls), in
+float32 or float64. ``check(seed)`` optimizes it both ways and returns what happened; a wrong
+rewrite raises ``AssertionError`` naming the seed, so ``check(seed)`` replays it.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxfuse
+from fxfuse.graph import rel_error
+
+
+class Program(nn.Module):
+    """``forward`` runs ``steps``: each (op, source index, operand index, module/parameter index)."""
+
+    def __init__(self, steps: list, modules: list, params: list):
+        super().__init__()
+        self.steps, self.mods, self.params = steps, nn.ModuleList(modules), nn.ParameterList(params)
+
+    def forward(self, x):
+        values = [x]
+        for op, src, other, idx in self.steps:
+            values.append(OPS[op](self, values[src], values[other] if other is not None else None, idx))
+        return values[-1]
+
+
+OPS = {
+    "module": lambda self, x, _, i: self.mods[i](x),
+    "flinear": lambda self, x, _, i: F.linear(x, self.params[i], self.params[i + 1] if i + 1 < len(self.params) else None),
+    "add": lambda self, x, y, _: x + y,
+    "relu": lambda self, x, _, __: F.relu(x),
+    "gelu": lambda self, x, _, __: F.gelu(x),
+    "scale": lambda self, x, _, __: x * 0.5,
+    "fdropout": lambda self, x, _, __: F.dropout(x, 0.3, training=self.training),
+    "flatten": lambda self, x, _, __: x.flatten(1),
+    "fold": lambda self, x, _, __: x.reshape(x.shape[0], 2, -1),
+    "attention": lambda self, x, _, __: torch.softmax(x @ x.transpose(-1, -2) / math.sqrt(x.shape[-1]), -1) @ x,
+}
+
+
+@dataclass
+class _Builder:
+    rng: random.Random
+    shapes: list = field(default_factory=list)  # shape of every value, batch dim excluded
+    steps: list = field(default_factory=list)
+    modules: list = field(default_factory=list)
+    params: list = field(default_factory=list)
+
+    def module(self, mod: nn.Module, shape, src: int = -1):
+        self.modules.append(mod)
+        self._push(("module", src, None, len(self.modules) - 1), shape)
+
+    def _push(self, step, shape):
+        op, src, other, idx = step
+        src = src % len(self.shapes)
+        self.steps.append((op, src, other, idx))
+        self.shapes.append(tuple(shape))
+
+    def prelu(self, channels: int) -> nn.PReLU:
+        r = self.rng.random()
+        slope = 1.0 if r < 0.6 else 1 - self.rng.uniform(0, 1e-4) if r < 0.7 else self.rng.uniform(-0.5, 1.5)
+        prelu = nn.PReLU(channels if self.rng.random() < 0.5 else 1, init=slope)
+        if prelu.num_parameters > 1 and self.rng.random() < 0.2:
+            with torch.no_grad():
+                prelu.weight[self.rng.randrange(channels)] = 0.5
+        return prelu
+
+    def batchnorm(self, kind, channels: int) -> nn.Module:
+        bn = kind(channels, track_running_stats=self.rng.random() < 0.9).eval()
+        if bn.track_running_stats:
+            with torch.no_grad():
+                bn.running_mean.normal_(0, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.normal_(1, 0.2)
+                bn.bias.normal_(0, 0.2)
+        return bn
+
+
+def _feature_step(b: _Builder) -> None:
+    shape, rng = b.shapes[-1], b.rng
+    f = shape[-1]
+    choice = rng.choice(["linear"] * 6 + ["flinear", "prelu", "prelu", "bn", "dropout", "identity", "fdropout",
+                                          "layernorm", "act", "residual", "reuse", "reshape", "attention"])
+    if choice == "linear" or (choice == "reuse" and not _reusable(b, f)):
+        width = rng.choice([max(2, f // 4), f, 2 * f, 4 * f, rng.randint(2, 64)])
+        b.module(nn.Linear(f, min(width, 256), bias=rng.random() < 0.8), shape[:-1] + (min(width, 256),))
+    elif choice == "flinear":
+        width = rng.randint(2, 128)
+        b.params += [nn.Parameter(torch.randn(width, f) / math.sqrt(f)), nn.Parameter(torch.randn(width))]
+        b._push(("flinear", -1, None, len(b.params) - 2), shape[:-1] + (width,))
+    elif choice == "prelu":
+        b.module(b.prelu(shape[0]), shape)  # nn.PReLU's channel axis is 1
+    elif choice == "bn":
+        b.module(b.batchnorm(nn.BatchNorm1d, shape[0]), shape)  # channel axis 1: features when rank 2
+    elif choice in ("dropout", "identity"):
+        b.module(nn.Dropout(0.3).eval() if choice == "dropout" else nn.Identity(), shape)
+    elif choice == "layernorm":
+        b.module(nn.LayerNorm(f), shape)
+    elif choice in ("act", "fdropout"):
+        b._push((rng.choice(["relu", "gelu", "scale"]) if choice == "act" else "fdropout", -1, None, None), shape)
+    elif choice == "residual":
+        same = [i for i, s in enumerate(b.shapes[:-1]) if s == shape]
+        b._push(("add", -1, rng.choice(same), None) if same else ("scale", -1, None, None), shape)
+    elif choice == "reuse":
+        i = rng.choice(_reusable(b, f))
+        b._push(("module", -1, None, i), shape)
+    elif choice == "reshape":
+        b._push(("flatten", -1, None, None), (math.prod(shape),)) if len(shape) == 2 or f % 2 \
+            else b._push(("fold", -1, None, None), (2, f // 2))
+    elif choice == "attention" and len(shape) == 2:
+        b._push(("attention", -1, None, None), shape)
+
+
+def _reusable(b: _Builder, f: int) -> list[int]:
+    return [i for i, m in enumerate(b.modules) if isinstance(m, nn.Linear) and m.in_features == m.out_features == f]
+
+
+def _conv_step(b: _Builder) -> None:
+    shape, rng = b.shapes[-1], b.rng
+    c, spatial = shape[0], shape[1:]
+    dims = len(spatial)
+    choice = rng.choice(["conv"] * 5 + ["prelu", "bn", "bn", "dropout", "identity", "act", "residual"])
+    if choice == "conv":
+        _conv(b, c, spatial)
+    elif choice == "prelu":
+        b.module(b.prelu(c), shape)
+    elif choice == "bn":
+        b.module(b.batchnorm(nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d, c), shape)
+    elif choice in ("dropout", "identity"):
+        b.module(nn.Dropout(0.2).eval() if choice == "dropout" else nn.Identity(), shape)
+    elif choice == "act":
+        b._push((rng.choice(["relu", "scale"]), -1, None, None), shape)
+    else:
+        same = [i for i, s in enumerate(b.shapes[:-1]) if s == shape]
+        b._push(("add", -1, rng.choice(same), None) if same else ("scale", -1, None, None), shape)
+
+
+def _conv(b: _Builder, c: int, spatial: tuple) -> None:
+    rng = b.rng
+    k, s, d = rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 2]), rng.choice([1, 1, 2])
+    p = rng.choice([0, 0, 1, 2])
+    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n in spatial]
+    if min(out) < 2:
+        return
+    c_out = rng.choice([max(1, c // 2), c, 2 * c, 4 * c, 16, 32])
+    c_out = min(c_out, 64)
+    groups = rng.choice([g for g in (1, 2, 4, c) if c % g == 0 and c_out % g == 0])
+    mode = "reflect" if p and p < min(spatial) and rng.random() < 0.2 else "zeros"
+    conv = (nn.Conv1d if len(spatial) == 1 else nn.Conv2d)(c, c_out, k, stride=s, padding=p, dilation=d,
+                                                            groups=groups, padding_mode=mode, bias=rng.random() < 0.8)
+    b.module(conv, (c_out, *out))
+
+
+def random_program(seed: int) -> tuple[nn.Module, tuple[int, ...], torch.dtype]:
+    """A random eval-mode model, its input shape (batch first) and dtype."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    kind = rng.choice(["vector", "sequence", "image", "signal"])
+    shape = {"vector": (rng.randint(2, 48),), "sequence": (rng.randint(2, 6), rng.randint(2, 48)),
+             "image": (rng.randint(1, 6), rng.randint(6, 14), rng.randint(6, 14)),
+             "signal": (rng.randint(1, 6), rng.randint(8, 24))}[kind]
+    b = _Builder(rng, [shape])
+    for _ in range(rng.randint(2, 12)):
+        is_conv = len(b.shapes[-1]) >= 2 and kind in ("image", "signal") and b.steps[-1:] != [("flatten",)] \
+            and len(b.shapes[-1]) == len(shape)
+        if is_conv and rng.random() < 0.1 and math.prod(b.shapes[-1]) <= 2048:
+            b._push(("flatten", -1, None, None), (math.prod(b.shapes[-1]),))
+        else:
+            (_conv_step if is_conv else _feature_step)(b)
+    dtype = torch.float64 if rng.random() < 0.3 else torch.float32
+    model = Program(b.steps, b.modules, b.params).to(dtype).eval()
+    batch_stats = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in b.modules)
+    return model, (rng.randint(2 if batch_stats else 1, 4), *shape), dtype
+
+
+@dataclass
+class Outcome:
+    seed: int
+    applied: int
+    skipped: int
+    error: float
+
+
+def check(seed: int) -> Outcome:
+    """Optimize program ``seed`` with and without example inputs; assert both compute the same."""
+    model, shape, dtype = random_program(seed)
+    x, fresh = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    with torch.no_grad():
+        ref = model(fresh)
+    worst, applied, skipped = 0.0, 0, 0
+    for inputs in ((x,), None):
+        gm = fxfuse.optimize(model, inputs)
+        report = fxfuse.report_of(gm)
+        with torch.no_grad():
+            error = rel_error(gm(fresh), ref)
+        allowed = max([r.tolerance for r in report.applied] + [1e-5])
+        assert error <= allowed, (f"seed {seed}: optimized model differs by {error:.2e} > {allowed:g} "
+                                  f"({'with' if inputs else 'without'} example inputs)\n{report.table()}")
+        if inputs is None:
+            assert all(r.exact for r in report.applied), f"seed {seed}: approximate rewrite without inputs"
+        worst, applied, skipped = max(worst, error), applied + len(report.applied), skipped + len(report.skipped)
+    return Outcome(seed, applied, skipped, worst)
