@@ -40,6 +40,23 @@ def check_model(model: Any) -> None:
             f"{type(model).__name__} is in training mode. fxfuse's rewrites are inference-time "
             "(BatchNorm uses running statistics, Dropout is off): call model.eval() first."
         )
+    quantized = [n for n, m in model.named_modules() if ".quantized" in type(m).__module__]
+    if quantized:
+        raise UnsupportedModelError(
+            f"{quantized[0] or type(model).__name__} is a quantized module; fxfuse rewrites floating-point "
+            "models. Optimize the float model first, then quantize the result."
+        )
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise UnsupportedModelError(
+            f"parameter {lazy[0]!r} is not initialized yet (a lazy module). Run the model once on an example "
+            "input so that its shapes are known, then optimize it."
+        )
+    if not any(True for _ in model.parameters()):
+        raise InputError(
+            f"{type(model).__name__} has no parameters: there is nothing to rewrite. Pass the model after its "
+            "layers are built (an empty nn.Sequential() computes the identity)."
+        )
     for name, param in model.named_parameters():
         if param.is_quantized or param.dtype not in FLOAT_DTYPES:
             raise UnsupportedModelError(
@@ -87,7 +104,7 @@ def check_inputs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
 
 
 class _LeafTracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple):
+    def __init__(self, leaf_types: tuple = ()):  # a default: torch.load re-creates tracers without arguments
         super().__init__()
         self.leaf_types = leaf_types
 

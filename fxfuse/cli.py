@@ -46,7 +46,10 @@ def load_model(spec: str):
     name = name or "model"
     if not Path(path).is_file():
         raise InputError(f"model file {path!r} does not exist. Give a Python file, e.g. models/mine.py:build.")
-    namespace = runpy.run_path(path)
+    try:
+        namespace = runpy.run_path(path)
+    except Exception as e:
+        raise InputError(f"running {path} failed: {type(e).__name__}: {e}. Fix the file so that it imports.") from e
     if name not in namespace:
         raise InputError(f"{path} defines no {name!r}. Define a function {name}() that returns the model, "
                          f"or name another one with {path}:other_name.")

@@ -31,8 +31,9 @@ class ExportReport:
     """What was written, how far onnxruntime is from torch, and the original model's export beside it."""
 
     model: OnnxStats
-    error: float  # max relative error, onnxruntime vs torch, on the example inputs
+    error: float  # max relative error, onnxruntime vs torch, worst over the batches checked
     opset: int
+    batches: list[int]  # batch sizes onnxruntime was checked at (example inputs' first, then 1 and 7 if dynamic)
     baseline: OnnxStats | None = None
 
     def __str__(self) -> str:
@@ -40,24 +41,29 @@ class ExportReport:
         for label, s in (("original", self.baseline), ("optimized", self.model)):
             if s is not None:
                 lines.append(f"{label:<10} {s.nodes:>7} {s.initializer_bytes:>18,} {s.file_bytes:>12,}")
-        lines.append(f"opset {self.opset}; onnxruntime vs torch max relative error {self.error:.1e}; {self.model.path}")
+        lines.append(f"opset {self.opset}; onnxruntime vs torch max relative error {self.error:.1e} "
+                     f"at batch {', '.join(map(str, self.batches))}; {self.model.path}")
         return "\n".join(lines)
 
 
 def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike, *, baseline: nn.Module | None = None,
-                opset: int | None = None, rtol: float = 1e-4) -> ExportReport:
-    """Export ``module`` to ``path`` and prove the file right: checker passes, onnxruntime output
-    within ``rtol`` (max relative error) of torch's. ``baseline`` (e.g. the original model) is
-    exported to a temporary file for comparison of node count and initializer bytes."""
+                opset: int | None = None, dynamic_batch: bool = True, rtol: float = 1e-4) -> ExportReport:
+    """Export ``module`` to ``path`` and prove the file right: ``onnx.checker`` passes and
+    onnxruntime's outputs are within ``rtol`` (max relative error) of torch's, on the example
+    inputs and, with ``dynamic_batch`` (dim 0 of every input symbolic), at batch 1 and 7 too.
+    ``baseline`` (e.g. the original model) is exported to a temporary file for comparison of node
+    count and initializer bytes. ``opset`` None takes the exporter's default; the report says which."""
     inputs = as_input_tuple(example_inputs)
-    stats, opset_used = _export(module, inputs, Path(path), opset)
-    error = rel_error(run_onnxruntime(path, inputs), _torch_outputs(module, inputs))
+    stats, opset_used = _export(module, inputs, Path(path), opset, dynamic_batch)
+    checks = [inputs] + [tuple(torch.randn(b, *x.shape[1:], dtype=x.dtype, device=x.device) for x in inputs)
+                         for b in ((1, 7) if dynamic_batch else ())]
+    error = max(rel_error(run_onnxruntime(path, xs), _torch_outputs(module, xs)) for xs in checks)
     if not error <= rtol:
         raise ExportError(f"onnxruntime's output differs from torch's by {error:.2e} (> rtol {rtol:g}) for {path}")
-    report = ExportReport(stats, error, opset_used)
+    report = ExportReport(stats, error, opset_used, [xs[0].shape[0] for xs in checks])
     if baseline is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            report.baseline, _ = _export(baseline, inputs, Path(tmp) / "baseline.onnx", opset)
+            report.baseline, _ = _export(baseline, inputs, Path(tmp) / "baseline.onnx", opset, dynamic_batch)
     return report
 
 
@@ -73,14 +79,16 @@ def _torch_outputs(module: nn.Module, inputs: tuple) -> list[torch.Tensor]:
         return [y.cpu() for y in torch.utils._pytree.tree_leaves(module(*inputs))]
 
 
-def _export(module: nn.Module, inputs: tuple, path: Path, opset: int | None) -> tuple[OnnxStats, int]:
+def _export(module: nn.Module, inputs: tuple, path: Path, opset: int | None, dynamic_batch: bool):
+    dynamic = tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs) if dynamic_batch else None
     try:
         torch.onnx.export(module, inputs, str(path), dynamo=True, external_data=False, opset_version=opset,
-                          verbose=False)
+                          dynamic_shapes=dynamic, verbose=False)
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
-        raise ExportError(f"ONNX export of {type(module).__name__} to {path} failed: {type(e).__name__}: {e}") from e
+        fix = " If the model's shapes depend on the batch size, pass dynamic_batch=False." if dynamic_batch else ""
+        raise ExportError(f"ONNX export of {type(module).__name__} to {path} failed: {type(e).__name__}: {e}.{fix}") from e
     initializer_bytes = sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
     opset_used = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     return OnnxStats(str(path), len(model.graph.node), initializer_bytes, path.stat().st_size), opset_used

@@ -7,6 +7,7 @@ recorded activations, graph surgery, and the report rows.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -76,12 +77,15 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
         values = _record(gm, inputs, {c.chain.input for c in todo}) if inputs is not None else {}
         applied = 0
         for c in todo:
+            if values:
+                c.tolerance = max(c.tolerance, precision_floor(values[c.chain.input].dtype))
             error = _chain_error(gm, c, values[c.chain.input]) if values else None
             row = _row(gm, p.name, c, error)
             if error is not None and not error <= c.tolerance:
                 row.status, row.reason = "rejected", f"error {error:.2e} > tolerance {c.tolerance:g}"
                 rejected.add(c.key)
             else:
+                row.reason = _warn_about_hooks(gm, c, p.name)
                 replace_chain(gm, c.chain, c.replacement, p.name)
                 applied += 1
             rows.append(row)
@@ -91,6 +95,29 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
                 rows.append(Row(p.name, "skipped", _where(gm, c), reason=reason))
             return rows
         tidy(gm)
+
+
+def precision_floor(dtype: torch.dtype) -> float:
+    """The least tolerance a rewrite can meet in ``dtype``: 2 ulps at 1 (bf16 1.6e-2, fp16 2e-3).
+
+    The original graph rounds its hidden values to that precision too, so a rewrite computed in
+    float64 and cast back differs from it by about that much even when the math is exact.
+    """
+    return 2 * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
+def _warn_about_hooks(gm: fx.GraphModule, c: Candidate, pass_name: str) -> str:
+    """Warn (and return a note) when modules with hooks are rewritten away: their hooks stop running."""
+    hooked = [n.target for n in c.chain.nodes if n.op == "call_module" and _has_hooks(gm.get_submodule(n.target))]
+    if not hooked:
+        return ""
+    note = f"hooks on {', '.join(hooked)} no longer run (the module was rewritten away)"
+    warnings.warn(f"fxfuse {pass_name}: {note}; exclude the pass or remove the hooks to silence this", stacklevel=4)
+    return note
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
 def _without_overlaps(candidates: list[Candidate]) -> list[Candidate]:

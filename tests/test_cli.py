@@ -35,3 +35,17 @@ def test_model_file_without_the_factory(tmp_path, capsys):
     path.write_text(MODEL_FILE)
     assert main(["optimize", f"{path}:nothing", "--input-shape", "1,8"]) == 2
     assert "defines no 'nothing'" in capsys.readouterr().err
+
+
+def test_model_file_that_does_not_import(tmp_path, capsys):
+    path = tmp_path / "broken.py"
+    path.write_text("import no_such_module_here\n")
+    assert main(["optimize", str(path), "--input-shape", "1,8"]) == 2
+    assert "running" in capsys.readouterr().err
+
+
+def test_factory_that_returns_no_module(tmp_path, capsys):
+    path = tmp_path / "notmodel.py"
+    path.write_text("def model():\n    return 42\n")
+    assert main(["optimize", str(path), "--input-shape", "1,8"]) == 2
+    assert "torch.nn.Module" in capsys.readouterr().err

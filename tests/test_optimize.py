@@ -142,3 +142,37 @@ def test_float64_model_is_rewritten_in_float64():
     gm, report = optimize_and_compare(model, tuple(x.double() for x in demo_inputs()), rtol=1e-12,
                                       tolerance=1e-12, conv_tolerance=1e-12)
     assert all(p.dtype == torch.float64 for p in gm.parameters()) and report.applied
+
+
+def test_empty_model():
+    with pytest.raises(fxfuse.InputError, match="no parameters"):
+        fxfuse.optimize(nn.Sequential().eval())
+
+
+def test_lazy_model_that_has_not_run():
+    with pytest.raises(fxfuse.UnsupportedModelError, match="lazy module"):
+        fxfuse.optimize(nn.Sequential(nn.LazyLinear(4)).eval())
+
+
+def test_quantized_model():
+    model = nn.Sequential(torch.ao.nn.quantized.Linear(4, 4)).eval()
+    with pytest.raises(fxfuse.UnsupportedModelError, match="quantized module"):
+        fxfuse.optimize(model)
+
+
+def test_inputs_of_the_wrong_dtype():
+    with pytest.raises(fxfuse.InputError, match="torch.int64"):
+        fxfuse.optimize(nn.Linear(4, 4).eval(), (torch.ones(2, 4, dtype=torch.long),))
+
+
+def test_a_crashing_pass_is_named_with_the_passes_before_it():
+    from fxfuse.passes import FoldBatchNorm
+
+    class Broken:
+        name = "broken"
+
+        def candidates(self, gm, options):
+            raise RuntimeError("boom")
+
+    with pytest.raises(fxfuse.PassError, match="'broken' failed \\(passes run before it: fold_batchnorm\\).*boom"):
+        fxfuse.optimize(nn.Linear(4, 4).eval(), passes=[FoldBatchNorm(), Broken()])
