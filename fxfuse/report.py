@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import asdict, dataclass, field
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .graph import as_layer
@@ -88,16 +91,35 @@ def weight_macs(out_shape, weight) -> int:
     return _numel(out_shape) * _numel(weight.shape[1:])
 
 
+MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
+
+
 def count_macs(gm: fx.GraphModule) -> int | None:
-    """MACs of every Linear and Conv in a shape-propagated graph (None without shapes)."""
+    """MACs of every Linear, Conv, matmul and attention in a shape-propagated graph (None without shapes)."""
     total = 0
     for node in gm.graph.nodes:
-        if as_layer(gm, node) is not None:
-            macs = layer_macs(gm, node)
-            if macs is None:
-                return None
-            total += macs
+        macs = layer_macs(gm, node) if as_layer(gm, node) is not None else _product_macs(node)
+        if macs is None:
+            return None
+        total += macs
     return total
+
+
+def _product_macs(node: fx.Node) -> int | None:
+    """matmul: output elements × contracted dim; attention: Q·Kᵀ plus A·V."""
+    if node.op not in ("call_function", "call_method") or not (
+            node.target in MATMUL_TARGETS or node.target is F.scaled_dot_product_attention):
+        return 0
+    shapes = [getattr(a.meta.get("tensor_meta"), "shape", None) for a in node.args[:3] if isinstance(a, fx.Node)]
+    if node.target in MATMUL_TARGETS and len(shapes) >= 2:
+        out = node.meta.get("tensor_meta")
+        return None if out is None or shapes[0] is None else _numel(out.shape) * int(shapes[0][-1])
+    if node.target is F.scaled_dot_product_attention:
+        if None in shapes:
+            return None
+        q, k, v = shapes
+        return _numel(q[:-1]) * int(k[-2]) * (int(q[-1]) + int(v[-1]))
+    return 0
 
 
 def _numel(shape) -> int:

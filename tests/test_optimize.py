@@ -176,3 +176,24 @@ def test_a_crashing_pass_is_named_with_the_passes_before_it():
 
     with pytest.raises(fxfuse.PassError, match="'broken' failed \\(passes run before it: fold_batchnorm\\).*boom"):
         fxfuse.optimize(nn.Linear(4, 4).eval(), passes=[FoldBatchNorm(), Broken()])
+
+
+def test_macs_count_layers_matmuls_and_attention():
+    from torch.nn import functional as F
+
+    from fxfuse.pass_manager import propagate_shapes
+    from fxfuse.report import count_macs
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+
+        def forward(self, x):  # x: (2, 5, 8)
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return F.scaled_dot_product_attention(q, k, v) + (q @ k.transpose(-1, -2)) @ v
+
+    gm = torch.fx.symbolic_trace(Attention().eval())
+    propagate_shapes(gm, (torch.randn(2, 5, 8),))
+    linear, sdpa, matmuls = 2 * 5 * 24 * 8, 2 * 5 * 5 * (8 + 8), 2 * 5 * 5 * 8 + 2 * 5 * 8 * 5
+    assert count_macs(gm) == linear + sdpa + matmuls
