@@ -1,61 +1,121 @@
-"""Time ``fxfuse.optimize`` itself on transformer graphs of growing depth; write JSON.
+"""Cost of ``fxfuse.optimize`` itself as the graph grows: wall time and peak memory; writes JSON.
 
-    python benchmarks/optimize_time.py --blocks 8 48 --out benchmarks/results/optimize_time_cpu.json
+    python benchmarks/optimize_time.py --vit-blocks 8 32 128 512 --gpt2-layers 12 24 48 96 \
+        --out benchmarks/results/optimize_time_cpu.json
 
-Each model is a timm VisionTransformer (embed 192, 3 heads, 64×64 images, random weights) whose MLP
-activation is PReLU(1), so every block's MLP is collapsed and verified. Reported: wall time of
-``optimize`` (median of --repeat runs), graph nodes, seconds per node, rewrites applied.
+Two families, random weights, MLP activations PReLU(α=1) so every block's MLP is collapsed and
+verified: stacks of timm ViT blocks (embed 192, 3 heads, 64×64 images) and GPT-2-style decoders
+written here in plain PyTorch (d 768, 12 heads, 64 tokens; GPT-2 small is 12 layers). Each size
+runs in a fresh process, so its peak RSS is its own: reported as the growth over the RSS after the
+model was built (what optimize added), with the default deep copy and with ``inplace=True``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
-import statistics
+import resource
 import sys
 import time
 
-import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-import fxfuse
+
+class GPT2Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.PReLU(init=1.0), nn.Linear(4 * d, d), nn.Dropout(0.1))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.c_proj(y)
+        return x + self.mlp(self.ln_2(x))
 
 
-def transformer(blocks: int) -> nn.Module:
-    return timm.models.vision_transformer.VisionTransformer(
-        img_size=64, patch_size=16, embed_dim=192, depth=blocks, num_heads=3,
-        act_layer=lambda: nn.PReLU(init=1.0)).eval()
+class GPT2(nn.Module):
+    def __init__(self, layers: int, d: int = 768, heads: int = 12, vocab: int = 50257, context: int = 1024):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.blocks = nn.Sequential(*(GPT2Block(d, heads) for _ in range(layers)))
+        self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.register_buffer("positions", torch.arange(64))
+
+    def forward(self, tokens):
+        return self.lm_head(self.ln_f(self.blocks(self.wte(tokens) + self.wpe(self.positions))))
 
 
-def measure(blocks: int, repeat: int) -> dict:
+def build(family: str, size: int):
     torch.manual_seed(0)
-    model, inputs = transformer(blocks), (torch.randn(2, 3, 64, 64),)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        gm = fxfuse.optimize(model, inputs)
-        times.append(time.perf_counter() - start)
-    nodes = len(torch.fx.symbolic_trace(model).graph.nodes)
+    if family == "gpt2":
+        return GPT2(size).eval(), (torch.randint(0, 50257, (1, 64)),)
+    import timm
+
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=192, depth=size, num_heads=3, act_layer=lambda: nn.PReLU(init=1.0))
+    return vit.eval(), (torch.randn(2, 3, 64, 64),)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(family: str, size: int, inplace: bool, queue) -> None:
+    import fxfuse
+
+    model, inputs = build(family, size)
+    before = rss_mib()
+    start = time.perf_counter()
+    gm = fxfuse.optimize(model, inputs, inplace=inplace)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = fxfuse.report_of(gm)
-    seconds = statistics.median(times)
-    return {"blocks": blocks, "graph_nodes": nodes, "seconds": round(seconds, 3),
-            "ms_per_node": round(1000 * seconds / nodes, 3), "rewrites": len(report.applied),
-            "params_before": report.params_before, "params_after": report.params_after,
-            "max_rel_error": report.error}
+    queue.put({"family": family, "size": size, "inplace": inplace, "graph_nodes": len(gm.graph.nodes) + 0,
+               "traced_nodes": len(torch.fx.symbolic_trace(model).graph.nodes), "seconds": round(seconds, 3),
+               "ms_per_node": None, "peak_growth_mib": round(peak - before, 1), "model_mib": round(
+                   sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
+               "rewrites": len(report.applied), "params_before": report.params_before,
+               "params_after": report.params_after, "max_rel_error": report.error})
+
+
+def run_isolated(family: str, size: int, inplace: bool) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=measure, args=(family, size, inplace, queue))
+    p.start()
+    row = queue.get()
+    p.join()
+    row["ms_per_node"] = round(1000 * row["seconds"] / row["traced_nodes"], 3)
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[8, 48])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--vit-blocks", type=int, nargs="*", default=[8, 32, 128, 512])
+    parser.add_argument("--gpt2-layers", type=int, nargs="*", default=[12, 24, 48, 96])
     parser.add_argument("--out", default="benchmarks/results/optimize_time_cpu.json")
     args = parser.parse_args()
-    rows = [measure(b, args.repeat) for b in args.blocks]
-    for r in rows:
-        print(f"{r['blocks']:>4} blocks  {r['graph_nodes']:>6} nodes  {r['seconds']:>7.2f} s  "
-              f"{r['ms_per_node']:.2f} ms/node  {r['rewrites']} rewrites  error {r['max_rel_error']:.1e}")
+    rows = []
+    for family, sizes in (("vit", args.vit_blocks), ("gpt2", args.gpt2_layers)):
+        for size in sizes:
+            for inplace in (False, True):
+                r = run_isolated(family, size, inplace)
+                rows.append(r)
+                print(f"{family:>4} {size:>4}  inplace={str(inplace):<5} {r['traced_nodes']:>6} nodes  "
+                      f"{r['seconds']:>7.2f} s  {r['ms_per_node']:.2f} ms/node  peak +{r['peak_growth_mib']:,.0f} MiB "
+                      f"(weights {r['model_mib']:,.0f} MiB)  {r['rewrites']} rewrites  error {r['max_rel_error']:.1e}",
+                      flush=True)
     result = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__, "python": platform.python_version(),
               "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "results": rows}

@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import InputError, TraceError, UnsupportedModelError
+from .pass_manager import propagate_shapes
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -91,10 +92,10 @@ def capture(model: nn.Module, *, inplace: bool = False, leaf_modules: Iterable[t
 
 
 def check_inputs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Any:
-    """Run the traced graph on ``example_inputs`` once; return its outputs or raise ``InputError``."""
+    """Run the traced graph on ``example_inputs`` once, recording every node's shape
+    (``meta['tensor_meta']``); return its outputs or raise ``InputError``."""
     try:
-        with torch.no_grad():
-            return gm(*example_inputs)
+        return propagate_shapes(gm, example_inputs)
     except Exception as e:
         shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in example_inputs)
         raise InputError(

@@ -1,4 +1,4 @@
-"""Command line: ``fxfuse demo`` and ``fxfuse optimize MODEL.py:factory --input-shape ...``."""
+"""Command line: ``fxfuse demo``, ``fxfuse optimize MODEL.py:factory --input-shape ...``, ``fxfuse bench``."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,11 @@ from .optimize import optimize, report_of
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            from .bench import run as bench
+
+            bench(args.suite, Path(args.out), args.batches, tuple(args.dtypes), tuple(args.modes), not args.no_onnx)
+            return 0
         if args.command == "demo":
             model, inputs, out = demo_model(), demo_inputs(), Path(args.out)
         else:
@@ -72,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("model", help="path/to/file.py:factory (a function returning an nn.Module in eval mode)")
     opt.add_argument("--input-shape", type=_shape, action="append", required=True,
                      help="shape of one random example input, e.g. 1,3,224,224 (repeat for several inputs)")
+    bench = sub.add_parser("bench", help="measure original vs compressed models (params, MACs, ONNX, latency)")
+    bench.add_argument("--suite", choices=["smoke", "cpu", "gpu"], default="smoke")
+    bench.add_argument("--batches", type=int, nargs="+", default=[1])
+    bench.add_argument("--dtypes", nargs="+", default=["bfloat16"], help="CUDA only: float32 bfloat16 float16")
+    bench.add_argument("--modes", nargs="+", default=["eager", "compile", "cudagraph"], help="CUDA only")
+    bench.add_argument("--no-onnx", action="store_true", help="skip ONNX export and onnxruntime timing")
+    bench.add_argument("--out", default="benchmarks/results", help="folder for <suite>.json and <suite>.md")
     for p, default in ((demo, "fxfuse-demo.onnx"), (opt, "model.onnx")):
         p.add_argument("--out", default=default, help=f"ONNX file to write (default {default})")
         p.add_argument("--json", help="also write the report as JSON to this file")

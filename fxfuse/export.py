@@ -5,7 +5,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -67,11 +67,20 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     return report
 
 
-def run_onnxruntime(path: str | os.PathLike, inputs: tuple) -> list[np.ndarray]:
-    """Outputs of the ONNX file at ``path`` on ``inputs``, by onnxruntime's CPU provider."""
+def onnxruntime_runner(path: str | os.PathLike) -> Callable[[tuple], list[torch.Tensor]]:
+    """A function running the ONNX file at ``path`` by onnxruntime's CPU provider (session made once)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
-    return [torch.from_numpy(y) for y in session.run(None, feed)]
+    names = [i.name for i in session.get_inputs()]
+
+    def run(inputs: tuple) -> list[torch.Tensor]:
+        feed = {name: x.detach().cpu().numpy() for name, x in zip(names, inputs)}
+        return [torch.from_numpy(y) for y in session.run(None, feed)]
+    return run
+
+
+def run_onnxruntime(path: str | os.PathLike, inputs: tuple) -> list[torch.Tensor]:
+    """Outputs of the ONNX file at ``path`` on ``inputs``, by onnxruntime's CPU provider."""
+    return onnxruntime_runner(path)(inputs)
 
 
 def _torch_outputs(module: nn.Module, inputs: tuple) -> list[torch.Tensor]:

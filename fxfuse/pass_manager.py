@@ -74,7 +74,7 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
         found = [c for c in p.candidates(gm, options) if c.key not in rejected]
         todo = _without_overlaps([c for c in found if c.replacement is not None and (c.exact or not options.data_free)])
         skipped = [c for c in found if c.replacement is None or (not c.exact and options.data_free)]
-        values = _record(gm, inputs, {c.chain.input for c in todo}) if inputs is not None else {}
+        values = _record(gm, inputs, {c.chain.input for c in todo}) if inputs is not None and todo else {}
         applied = 0
         for c in todo:
             if values:
@@ -152,8 +152,10 @@ def _record(gm: fx.GraphModule, inputs: tuple, wanted: set) -> dict:
     return recorder.values
 
 
-def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
-    _record(gm, inputs, set())
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple):
+    """Fill every node's ``meta['tensor_meta']``; return the graph's outputs."""
+    with torch.no_grad():
+        return ShapeProp(gm).propagate(*inputs)
 
 
 def _chain_error(gm: fx.GraphModule, c: Candidate, x: torch.Tensor) -> float:

@@ -1,0 +1,276 @@
+"""Benchmark harness: original against compressed — parameters, bytes, MACs, ONNX size, latency.
+
+For each model of a suite it builds three variants from the same random weights:
+
+- ``original``: the architecture as shipped (GELU/ReLU MLPs, BatchNorm);
+- ``fxfuse``: ``fxfuse.optimize`` of the model with every collapse candidate's activation set to
+  PReLU(α=1), i.e. what a fully LayerCollapse-trained model looks like;
+- ``hand``: the same collapse written by hand (each MLP replaced by one ``nn.Linear``; for
+  BatchNorm-only models ``torch.fx.experimental.optimization.fuse``), the reference fxfuse must match.
+
+Latency: on CUDA, CUDA events around each call after warm-up, median of repeats, in eager mode,
+``torch.compile`` and CUDA-graph replay; on CPU, torch eager and onnxruntime (default graph
+optimisation level) with ``time.perf_counter``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .export import export_onnx, onnxruntime_runner
+from .optimize import optimize, report_of
+from .pass_manager import propagate_shapes
+from .report import count_macs
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], nn.Module]  # the original architecture, random weights, eval mode
+    linearize: Callable[[nn.Module], nn.Module]  # in place: collapse candidates' activations → PReLU(1)
+    hand_collapse: Callable[[nn.Module], nn.Module]  # in place, on the linearized copy
+    image: int = 224
+
+
+@dataclass
+class Result:
+    model: str
+    variant: str
+    params: int
+    param_bytes: int
+    macs: int | None
+    onnx_bytes: int | None = None
+    onnx_nodes: int | None = None
+    latency_ms: dict = field(default_factory=dict)  # "cuda/bf16/eager/b64" → median ms
+
+
+def unit_prelu() -> nn.PReLU:
+    return nn.PReLU(init=1.0)
+
+
+def collapsed_linear(fc1: nn.Linear, fc2: nn.Linear) -> nn.Linear:
+    """One Linear for fc2 ∘ fc1 (LayerCollapse Eq. 3), formed in float64, written by hand."""
+    w1, w2 = fc1.weight.double(), fc2.weight.double()
+    linear = nn.Linear(fc1.in_features, fc2.out_features)
+    with torch.no_grad():
+        linear.weight.copy_(w2 @ w1)
+        linear.bias.copy_(w2 @ fc1.bias.double() + fc2.bias.double())
+    return linear.to(fc1.weight.dtype).eval()
+
+
+def _timm_mlps(model: nn.Module):
+    from timm.layers import Mlp
+
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, Mlp)]
+
+
+def _linearize_timm(model: nn.Module) -> nn.Module:
+    for _, _, mlp in _timm_mlps(model):
+        mlp.act = unit_prelu()
+    return model
+
+
+def _hand_collapse_timm(model: nn.Module) -> nn.Module:
+    for parent, name, mlp in _timm_mlps(model):
+        setattr(parent, name, collapsed_linear(mlp.fc1, mlp.fc2))
+    return model
+
+
+def _linearize_vgg(model: nn.Module) -> nn.Module:
+    model.classifier[1], model.classifier[4] = unit_prelu(), unit_prelu()
+    return model
+
+
+def _hand_collapse_vgg(model: nn.Module) -> nn.Module:
+    c = model.classifier
+    model.classifier = nn.Sequential(collapsed_linear(collapsed_linear(c[0], c[3]), c[6]))
+    return model
+
+
+def _fuse_batchnorm(model: nn.Module) -> nn.Module:
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(model)
+
+
+def _timm(name: str, **kwargs) -> Callable[[], nn.Module]:
+    def build():
+        import timm
+
+        return timm.create_model(name, **kwargs).eval()
+    return build
+
+
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    def build():
+        import torchvision
+
+        model = getattr(torchvision.models, name)()
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            nn.init.uniform_(bn.running_var, 0.5, 2.0)
+            nn.init.normal_(bn.running_mean, 0, 0.2)
+        return model.eval()
+    return build
+
+
+def suite(name: str) -> list[Case]:
+    timm_case = lambda n, build, image=224: Case(n, build, _linearize_timm, _hand_collapse_timm, image)  # noqa: E731
+    cases = {
+        "vit_t16": timm_case("vit_t16", _timm("vit_tiny_patch16_224")),
+        "vit_b16": timm_case("vit_b16", _timm("vit_base_patch16_224")),
+        "mixer_b16": timm_case("mixer_b16", _timm("mixer_b16_224")),
+        "vgg11": Case("vgg11", _torchvision("vgg11"), _linearize_vgg, _hand_collapse_vgg),
+        "resnet18": Case("resnet18", _torchvision("resnet18"), lambda m: m, _fuse_batchnorm),
+        "tiny_vit": timm_case("tiny_vit", _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), 32),
+    }
+    names = {"gpu": ["vit_b16", "mixer_b16", "vit_t16", "vgg11", "resnet18"],
+             "cpu": ["vit_t16", "resnet18", "vgg11", "mixer_b16"], "smoke": ["tiny_vit"]}[name]
+    return [cases[n] for n in names]
+
+
+def variants(case: Case, device: str) -> dict[str, nn.Module]:
+    """original, fxfuse and hand variants of ``case`` in float32 on ``device``, same weights."""
+    torch.manual_seed(0)
+    original = case.build().to(device)
+    linear = case.linearize(copy.deepcopy(original))
+    example = (torch.randn(2, 3, case.image, case.image, device=device),)
+    return {"original": original, "fxfuse": optimize(linear, example),
+            "hand": case.hand_collapse(copy.deepcopy(linear))}
+
+
+def static_costs(model: nn.Module, image: int) -> tuple[int, int, int | None]:
+    """Parameters, parameter bytes (each tensor once) and MACs at batch 1."""
+    params = list(model.parameters())
+    gm = model if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model)
+    device = params[0].device
+    propagate_shapes(gm, (torch.randn(1, 3, image, image, device=device),))
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params), count_macs(gm)
+
+
+def cuda_latency(fn: Callable, warmup: int = 10, repeat: int = 30) -> float:
+    """Median milliseconds of ``fn()`` between CUDA events, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cpu_latency(fn: Callable, warmup: int = 3, repeat: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable:
+    """A replay function for ``model(x)`` captured in a CUDA graph (static input)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(x)
+    return graph.replay
+
+
+def time_cuda(model: nn.Module, image: int, dtypes, batches, modes) -> dict:
+    out = {}
+    for dtype in dtypes:
+        m = copy.deepcopy(model).to(dtype)
+        compiled = torch.compile(m) if "compile" in modes else None
+        for batch in batches:
+            x = torch.randn(batch, 3, image, image, device="cuda", dtype=dtype)
+            fns = {"eager": lambda: m(x), "compile": lambda: compiled(x), "cudagraph": lambda: cuda_graph(m, x)}
+            for mode in modes:
+                fn = fns[mode]() if mode == "cudagraph" else fns[mode]
+                out[f"cuda/{str(dtype)[6:]}/{mode}/b{batch}"] = round(cuda_latency(fn), 4)
+    return out
+
+
+def time_cpu(model: nn.Module, onnx_path: Path | None, image: int, batches) -> dict:
+    out = {}
+    for batch in batches:
+        x = torch.randn(batch, 3, image, image)
+        out[f"cpu/float32/eager/b{batch}"] = round(cpu_latency(lambda: model(x)), 3)
+        if onnx_path is not None:
+            session = onnxruntime_runner(onnx_path)
+            out[f"cpu/float32/onnxruntime/b{batch}"] = round(cpu_latency(lambda: session((x,))), 3)
+    return out
+
+
+def run(suite_name: str, out_dir: Path, batches, dtypes=("bfloat16",), modes=("eager", "compile", "cudagraph"),
+        onnx: bool = True) -> dict:
+    """Measure every case of ``suite_name``; write ``<suite>.json`` and ``<suite>.md`` into ``out_dir``."""
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    results = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if cuda else platform.processor()
+            or platform.machine(), "torch": torch.__version__, "python": platform.python_version(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "suite": suite_name}
+    for case in suite(suite_name):
+        with torch.inference_mode(False), torch.no_grad():
+            for variant, model in variants(case, device).items():
+                r = Result(case.name, variant, *static_costs(model, case.image))
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "m.onnx" if onnx else None
+                    if onnx:
+                        cpu_model = copy.deepcopy(model).cpu()
+                        stats = export_onnx(cpu_model, (torch.randn(1, 3, case.image, case.image),), path)
+                        r.onnx_bytes, r.onnx_nodes = stats.model.file_bytes, stats.model.nodes
+                    r.latency_ms = (time_cuda(model, case.image, [getattr(torch, d) for d in dtypes], batches, modes)
+                                    if cuda else time_cpu(model, path, case.image, batches))
+                results.append(r)
+                print(json.dumps(asdict(r)), flush=True)
+                _write(out_dir, suite_name, meta, results)
+    return {"meta": meta, "results": [asdict(r) for r in results]}
+
+
+def _write(out_dir: Path, suite_name: str, meta: dict, results: list[Result]) -> None:
+    data = {"meta": meta, "results": [asdict(r) for r in results]}
+    (out_dir / f"{suite_name}.json").write_text(json.dumps(data, indent=2))
+    (out_dir / f"{suite_name}.md").write_text(markdown_table(data))
+
+
+def markdown_table(data: dict) -> str:
+    """Per model and timing key: each variant's value and ratio to the original; params and MACs ratios."""
+    rows = data["results"]
+    lines = [f"Command: `{data['meta']['command']}`  \nDevice: {data['meta']['device']}, torch {data['meta']['torch']}",
+             "", "| model | variant | params | MACs | ONNX bytes | timing | ms | ÷ original |", "|---|---|---|---|---|---|---|---|"]
+    originals = {r["model"]: r for r in rows if r["variant"] == "original"}
+    for r in rows:
+        o = originals.get(r["model"], r)
+        ratio = lambda a, b: f"{a / b:.3f}" if a and b else ""  # noqa: E731
+        statics = f"{r['params']:,} ({ratio(r['params'], o['params'])}) | {r['macs'] or 0:,} ({ratio(r['macs'], o['macs'])}) | " \
+                  f"{r['onnx_bytes'] or 0:,}"
+        for key, ms in r["latency_ms"].items():
+            lines.append(f"| {r['model']} | {r['variant']} | {statics} | {key} | {ms:.3f} | {ratio(ms, o['latency_ms'].get(key))} |")
+            statics = " | | "
+    return "\n".join(lines) + "\n"
