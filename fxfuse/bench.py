@@ -53,7 +53,8 @@ class Result:
     macs: int | None
     onnx_bytes: int | None = None
     onnx_nodes: int | None = None
-    latency_ms: dict = field(default_factory=dict)  # "cuda/bf16/eager/b64" → median ms
+    latency_ms: dict = field(default_factory=dict)  # "cuda/bfloat16/eager/b64" → median ms
+    profile: list = field(default_factory=list)  # top CUDA kernels of the eager forward: [name, ms, share]
 
 
 def unit_prelu() -> nn.PReLU:
@@ -126,7 +127,8 @@ def _torchvision(name: str) -> Callable[[], nn.Module]:
     return build
 
 
-def suite(name: str) -> list[Case]:
+def suite(name: str, models: list[str] | None = None) -> list[Case]:
+    """The cases of a named suite ("smoke", "cpu", "gpu"), or only ``models`` of it."""
     timm_case = lambda n, build, image=224: Case(n, build, _linearize_timm, _hand_collapse_timm, image)  # noqa: E731
     cases = {
         "vit_t16": timm_case("vit_t16", _timm("vit_tiny_patch16_224")),
@@ -138,7 +140,7 @@ def suite(name: str) -> list[Case]:
     }
     names = {"gpu": ["vit_b16", "mixer_b16", "vit_t16", "vgg11", "resnet18"],
              "cpu": ["vit_t16", "resnet18", "vgg11", "mixer_b16"], "smoke": ["tiny_vit"]}[name]
-    return [cases[n] for n in names]
+    return [cases[n] for n in names if not models or n in models]
 
 
 def variants(case: Case, device: str) -> dict[str, nn.Module]:
@@ -175,7 +177,7 @@ def cuda_latency(fn: Callable, warmup: int = 10, repeat: int = 30) -> float:
     return statistics.median(times)
 
 
-def cpu_latency(fn: Callable, warmup: int = 3, repeat: int = 10) -> float:
+def cpu_latency(fn: Callable, warmup: int = 5, repeat: int = 20) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -204,7 +206,7 @@ def time_cuda(model: nn.Module, image: int, dtypes, batches, modes) -> dict:
     out = {}
     for dtype in dtypes:
         m = copy.deepcopy(model).to(dtype)
-        compiled = torch.compile(m) if "compile" in modes else None
+        compiled = torch.compile(m, dynamic=False) if "compile" in modes else None
         for batch in batches:
             x = torch.randn(batch, 3, image, image, device="cuda", dtype=dtype)
             fns = {"eager": lambda: m(x), "compile": lambda: compiled(x), "cudagraph": lambda: cuda_graph(m, x)}
@@ -212,6 +214,25 @@ def time_cuda(model: nn.Module, image: int, dtypes, batches, modes) -> dict:
                 fn = fns[mode]() if mode == "cudagraph" else fns[mode]
                 out[f"cuda/{str(dtype)[6:]}/{mode}/b{batch}"] = round(cuda_latency(fn), 4)
     return out
+
+
+def profile_cuda(model: nn.Module, image: int, dtype: torch.dtype, batch: int, top: int = 8) -> list:
+    """The ``top`` operators by CUDA time over 5 eager forwards: [name, ms per forward, share of total]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = copy.deepcopy(model).to(dtype)
+    x = torch.randn(batch, 3, image, image, device="cuda", dtype=dtype)
+    for _ in range(3):
+        m(x)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            m(x)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and not e.key.startswith("cuda")]
+    kernels = [e for e in events if e.device_type.name == "CUDA"] or events
+    total = sum(e.device_time_total for e in kernels)
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    return [[e.key[:80], round(e.device_time_total / 5000, 4), round(e.device_time_total / total, 3)] for e in kernels[:top]]
 
 
 def time_cpu(model: nn.Module, onnx_path: Path | None, image: int, batches) -> dict:
@@ -226,8 +247,9 @@ def time_cpu(model: nn.Module, onnx_path: Path | None, image: int, batches) -> d
 
 
 def run(suite_name: str, out_dir: Path, batches, dtypes=("bfloat16",), modes=("eager", "compile", "cudagraph"),
-        onnx: bool = True) -> dict:
-    """Measure every case of ``suite_name``; write ``<suite>.json`` and ``<suite>.md`` into ``out_dir``."""
+        onnx: bool = True, profile: bool = False, models: list[str] | None = None, name: str | None = None) -> dict:
+    """Measure every case of ``suite_name``; write ``<name>.json`` and ``<name>.md`` (name defaults to
+    the suite's) into ``out_dir``, rewritten after each variant so an interrupted run keeps its rows."""
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     results = []
@@ -235,7 +257,7 @@ def run(suite_name: str, out_dir: Path, batches, dtypes=("bfloat16",), modes=("e
     meta = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if cuda else platform.processor()
             or platform.machine(), "torch": torch.__version__, "python": platform.python_version(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "suite": suite_name}
-    for case in suite(suite_name):
+    for case in suite(suite_name, models):
         with torch.inference_mode(False), torch.no_grad():
             for variant, model in variants(case, device).items():
                 r = Result(case.name, variant, *static_costs(model, case.image))
@@ -247,16 +269,18 @@ def run(suite_name: str, out_dir: Path, batches, dtypes=("bfloat16",), modes=("e
                         r.onnx_bytes, r.onnx_nodes = stats.model.file_bytes, stats.model.nodes
                     r.latency_ms = (time_cuda(model, case.image, [getattr(torch, d) for d in dtypes], batches, modes)
                                     if cuda else time_cpu(model, path, case.image, batches))
+                if profile and cuda:
+                    r.profile = profile_cuda(model, case.image, getattr(torch, dtypes[-1]), max(batches))
                 results.append(r)
                 print(json.dumps(asdict(r)), flush=True)
-                _write(out_dir, suite_name, meta, results)
+                _write(out_dir, name or suite_name, meta, results)
     return {"meta": meta, "results": [asdict(r) for r in results]}
 
 
-def _write(out_dir: Path, suite_name: str, meta: dict, results: list[Result]) -> None:
+def _write(out_dir: Path, name: str, meta: dict, results: list[Result]) -> None:
     data = {"meta": meta, "results": [asdict(r) for r in results]}
-    (out_dir / f"{suite_name}.json").write_text(json.dumps(data, indent=2))
-    (out_dir / f"{suite_name}.md").write_text(markdown_table(data))
+    (out_dir / f"{name}.json").write_text(json.dumps(data, indent=2))
+    (out_dir / f"{name}.md").write_text(markdown_table(data))
 
 
 def markdown_table(data: dict) -> str:

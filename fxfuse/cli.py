@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from .bench import run as bench
 
-            bench(args.suite, Path(args.out), args.batches, tuple(args.dtypes), tuple(args.modes), not args.no_onnx)
+            bench(args.suite, Path(args.out), args.batches, tuple(args.dtypes), tuple(args.modes), not args.no_onnx,
+                  args.profile, args.models, args.name)
             return 0
         if args.command == "demo":
             model, inputs, out = demo_model(), demo_inputs(), Path(args.out)
@@ -83,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtypes", nargs="+", default=["bfloat16"], help="CUDA only: float32 bfloat16 float16")
     bench.add_argument("--modes", nargs="+", default=["eager", "compile", "cudagraph"], help="CUDA only")
     bench.add_argument("--no-onnx", action="store_true", help="skip ONNX export and onnxruntime timing")
-    bench.add_argument("--out", default="benchmarks/results", help="folder for <suite>.json and <suite>.md")
+    bench.add_argument("--profile", action="store_true", help="CUDA only: top kernels of each variant's eager forward")
+    bench.add_argument("--models", nargs="+", help="only these models of the suite")
+    bench.add_argument("--out", default="benchmarks/results", help="folder for <name>.json and <name>.md")
+    bench.add_argument("--name", help="results file name (default: the suite's)")
     for p, default in ((demo, "fxfuse-demo.onnx"), (opt, "model.onnx")):
         p.add_argument("--out", default=default, help=f"ONNX file to write (default {default})")
         p.add_argument("--json", help="also write the report as JSON to this file")
