@@ -11,9 +11,9 @@ python -m pytest -q -m "not slow" -p no:cacheprovider tests/test_preservation.py
     tests/test_collapse_linear.py tests/test_compose_conv.py tests/test_fold_batchnorm.py > "$OUT/tests.log" 2>&1
 nvidia-smi >> "$OUT/tests.log" 2>&1
 {
-  fxfuse bench --suite gpu --batches 64 256 --modes eager cudagraph --no-onnx --profile --name gpu_eager --out "$RES"
+  python -m fxfuse.cli bench --suite gpu --batches 64 256 --modes eager cudagraph --no-onnx --profile --name gpu_eager --out "$RES"
   cp "$RES/gpu_eager.json" "$OUT/"
-  fxfuse bench --suite gpu --models vit_b16 mixer_b16 vit_t16 --batches 64 256 --modes compile --no-onnx \
+  python -m fxfuse.cli bench --suite gpu --models vit_b16 mixer_b16 vit_t16 --batches 64 256 --modes compile --no-onnx \
       --name gpu_compile --out "$RES"
 } > "$OUT/bench.log" 2>&1 &
 bench=$!
