@@ -6,7 +6,7 @@
 set -u
 OUT=${OUT:-benchmarks/results}
 RES=$(mktemp -d)
-pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
+python -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
 python -m pytest -q -m "not slow" -p no:cacheprovider tests/test_preservation.py tests/test_optimize.py \
     tests/test_collapse_linear.py tests/test_compose_conv.py tests/test_fold_batchnorm.py > "$OUT/tests.log" 2>&1
 nvidia-smi >> "$OUT/tests.log" 2>&1
