@@ -35,8 +35,9 @@ class ChannelAffine:
     slope_deviation: float = 0.0  # max |α − 1| over the PReLU slopes treated as the identity
 
     @classmethod
-    def identity(cls, channels: int) -> "ChannelAffine":
-        return cls(torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64))
+    def identity(cls, channels: int, device: torch.device) -> "ChannelAffine":
+        return cls(torch.ones(channels, dtype=torch.float64, device=device),
+                   torch.zeros(channels, dtype=torch.float64, device=device))
 
     def then(self, scale: torch.Tensor, shift: torch.Tensor) -> "ChannelAffine":
         """Compose with a following map h ↦ scale ⊙ h + shift."""
@@ -59,7 +60,7 @@ def fold_into_weights(weight: torch.Tensor, bias: torch.Tensor | None,
                       affine: ChannelAffine) -> tuple[torch.Tensor, torch.Tensor]:
     """W' = diag(s)·W, b' = s ⊙ b + t, in float64 (weight is (out, ...), any trailing dims)."""
     s = affine.scale.view(-1, *([1] * (weight.dim() - 1)))
-    b = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
+    b = weight.new_zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
     return s * weight.detach().double(), affine.scale * b + affine.shift
 
 
@@ -84,7 +85,7 @@ def batchnorm_problem(bn: nn.Module, layer: Layer) -> str | None:
 
 def affine_between(gm: fx.GraphModule, layer: Layer, middle: list[fx.Node], tau: float) -> ChannelAffine | str:
     """The map the ``middle`` nodes apply to ``layer``'s output, or the reason it is not affine."""
-    affine = ChannelAffine.identity(layer.out_channels)
+    affine = ChannelAffine.identity(layer.out_channels, layer.weight.device)
     for node in middle:
         mod = module_of(gm, node)
         if is_identity(gm, node):

@@ -64,7 +64,7 @@ def unit_prelu() -> nn.PReLU:
 def collapsed_linear(fc1: nn.Linear, fc2: nn.Linear) -> nn.Linear:
     """One Linear for fc2 ∘ fc1 (LayerCollapse Eq. 3), formed in float64, written by hand."""
     w1, w2 = fc1.weight.double(), fc2.weight.double()
-    linear = nn.Linear(fc1.in_features, fc2.out_features)
+    linear = nn.Linear(fc1.in_features, fc2.out_features, device=fc1.weight.device)
     with torch.no_grad():
         linear.weight.copy_(w2 @ w1)
         linear.bias.copy_(w2 @ fc1.bias.double() + fc2.bias.double())
@@ -146,8 +146,9 @@ def suite(name: str, models: list[str] | None = None) -> list[Case]:
 def variants(case: Case, device: str) -> dict[str, nn.Module]:
     """original, fxfuse and hand variants of ``case`` in float32 on ``device``, same weights."""
     torch.manual_seed(0)
-    original = case.build().to(device)
-    linear = case.linearize(copy.deepcopy(original))
+    original = case.build()
+    linear = case.linearize(copy.deepcopy(original)).to(device)
+    original = original.to(device)
     example = (torch.randn(2, 3, case.image, case.image, device=device),)
     return {"original": original, "fxfuse": optimize(linear, example),
             "hand": case.hand_collapse(copy.deepcopy(linear))}
