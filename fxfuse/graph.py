@@ -160,8 +160,11 @@ def replace_chain(gm: fx.GraphModule, chain: Chain, module: nn.Module, suffix: s
 
     The module is registered beside the chain's first module (``blocks.0.fc1`` gives
     ``blocks.0.fc1_<suffix>``); the new node inherits the last node's metadata (shape, dtype).
+    A chain replaced by ``nn.Identity`` is bypassed: its users read the chain's input.
     """
     first, last = chain.nodes[0], chain.nodes[-1]
+    if isinstance(module, nn.Identity):
+        return _bypass(gm, chain)
     name = _free_name(gm, where(gm, first)[0].replace("_" + suffix, "") + "_" + suffix)
     gm.add_submodule(name, module)
     with gm.graph.inserting_after(last):
@@ -169,13 +172,23 @@ def replace_chain(gm: fx.GraphModule, chain: Chain, module: nn.Module, suffix: s
     new.meta = {k: v for k, v in last.meta.items() if k in ("tensor_meta", "val", "type")}
     new.meta["fxfuse_origin"] = [w for n in chain.nodes for w in where(gm, n)]
     last.replace_all_uses_with(new)
+    _erase(gm, chain)
+    return new
+
+
+def _bypass(gm: fx.GraphModule, chain: Chain) -> fx.Node:
+    chain.nodes[-1].replace_all_uses_with(chain.input)
+    _erase(gm, chain)
+    return chain.input
+
+
+def _erase(gm: fx.GraphModule, chain: Chain) -> None:
     for node in reversed(chain.nodes):
         attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
         gm.graph.erase_node(node)
         for a in attrs:
             if not a.users:
                 _erase_attr_node(gm, a)
-    return new
 
 
 def tidy(gm: fx.GraphModule) -> None:

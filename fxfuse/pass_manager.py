@@ -7,6 +7,7 @@ recorded activations, graph surgery, and the report rows.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -145,16 +146,29 @@ class _Recorder(ShapeProp):
         return result
 
 
+@contextlib.contextmanager
+def full_precision():
+    """No gradients and no TF32 (cuDNN enables it for float32 convolutions by default): a check
+    compares the rewrite with the original, not TF32's 1e-3 rounding with itself."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def _record(gm: fx.GraphModule, inputs: tuple, wanted: set) -> dict:
     recorder = _Recorder(gm, wanted)
-    with torch.no_grad():
+    with full_precision():
         recorder.propagate(*inputs)
     return recorder.values
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple):
     """Fill every node's ``meta['tensor_meta']``; return the graph's outputs."""
-    with torch.no_grad():
+    with full_precision():
         return ShapeProp(gm).propagate(*inputs)
 
 
@@ -162,7 +176,7 @@ def _chain_error(gm: fx.GraphModule, c: Candidate, x: torch.Tensor) -> float:
     """Relative error of the replacement against the original chain on the recorded input."""
     interp = fx.Interpreter(gm)
     interp.env[c.chain.input] = x
-    with torch.no_grad():
+    with full_precision():
         for node in c.chain.nodes:
             for arg in node.all_input_nodes:
                 if arg not in interp.env:  # get_attr nodes feeding F.linear
@@ -175,7 +189,8 @@ def _row(gm, pass_name: str, c: Candidate, error: float | None) -> Row:
     macs = [layer_macs(gm, n) for n in c.chain.nodes]
     macs = [m for m in macs if m is not None]
     out_meta = c.chain.nodes[-1].meta.get("tensor_meta")
-    macs_after = None if out_meta is None else weight_macs(out_meta.shape, c.replacement.weight)
+    weight = getattr(c.replacement, "weight", None)
+    macs_after = None if out_meta is None else 0 if weight is None else weight_macs(out_meta.shape, weight)
     return Row(pass_name, "applied", _where(gm, c),
                params_before=sum(p.numel() for n in c.chain.nodes for p in _params(gm, n)),
                params_after=sum(p.numel() for p in c.replacement.parameters()),

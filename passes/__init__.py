@@ -5,8 +5,9 @@ shared machinery in ``fxfuse.pass_manager`` verifies, applies and reports what t
 """
 from .collapse_linear import CollapseLinear
 from .compose_conv import ComposeConv
+from .drop_identity import DropIdentity
 from .fold_batchnorm import FoldBatchNorm
 
-DEFAULT_PASSES = (FoldBatchNorm(), CollapseLinear(), ComposeConv())
+DEFAULT_PASSES = (FoldBatchNorm(), CollapseLinear(), ComposeConv(), DropIdentity())
 
-__all__ = ["CollapseLinear", "ComposeConv", "FoldBatchNorm", "DEFAULT_PASSES"]
+__all__ = ["CollapseLinear", "ComposeConv", "DropIdentity", "FoldBatchNorm", "DEFAULT_PASSES"]
