@@ -33,14 +33,16 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     fig, ax = plt.subplots(figsize=(7, 6))
-    for path in args.results:
-        data = json.load(open(path))
+    found = [(variant, p) for path in args.results for variant in ("fxfuse", "hand")
+             for p in points(json.load(open(path)), variant)]
+    models = sorted({p[0] for _, p in found})
+    colors = dict(zip(models, plt.cm.tab10.colors))
+    for model in models:
         for variant, marker in (("fxfuse", "o"), ("hand", "x")):
-            pts = list(points(data, variant))
-            for model in sorted({p[0] for p in pts}):
-                xs = [p[2] for p in pts if p[0] == model]
-                ys = [p[3] for p in pts if p[0] == model]
-                ax.scatter(xs, ys, marker=marker, label=f"{model} ({variant})", alpha=0.7)
+            pts = [p for v, p in found if v == variant and p[0] == model]
+            ax.scatter([p[2] for p in pts], [p[3] for p in pts], marker=marker, color=colors[model],
+                       label=f"{model} ({variant})", alpha=0.7)
+    data = json.load(open(args.results[0]))
     ax.plot([0, 1.1], [0, 1.1], "k--", lw=1, label="latency ratio = MAC ratio")
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set(xlabel="MAC ratio (compressed ÷ original)", ylabel="latency ratio (compressed ÷ original)",
