@@ -10,7 +10,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import as_layer
+from .graph import as_layer, module_of
+from .modules import LeftLinear
 
 
 @dataclass
@@ -78,12 +79,13 @@ def count_params(module: nn.Module) -> int:
 
 
 def layer_macs(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    """Multiply-accumulates of a Linear/Conv node: output elements × (in/groups · kernel volume)."""
+    """Multiply-accumulates of a Linear/Conv/LeftLinear node: output elements × (in/groups · kernel volume)."""
     layer = as_layer(gm, node)
+    weight = layer.weight if layer is not None else getattr(module_of(gm, node), "weight", None)
     meta = node.meta.get("tensor_meta")
-    if layer is None or meta is None:
+    if weight is None or meta is None:
         return None
-    return weight_macs(meta.shape, layer.weight)
+    return weight_macs(meta.shape, weight)
 
 
 def weight_macs(out_shape, weight) -> int:
@@ -98,11 +100,15 @@ def count_macs(gm: fx.GraphModule) -> int | None:
     """MACs of every Linear, Conv, matmul and attention in a shape-propagated graph (None without shapes)."""
     total = 0
     for node in gm.graph.nodes:
-        macs = layer_macs(gm, node) if as_layer(gm, node) is not None else _product_macs(node)
+        macs = layer_macs(gm, node) if _is_weighted_product(gm, node) else _product_macs(node)
         if macs is None:
             return None
         total += macs
     return total
+
+
+def _is_weighted_product(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return as_layer(gm, node) is not None or isinstance(module_of(gm, node), LeftLinear)
 
 
 def _product_macs(node: fx.Node) -> int | None:

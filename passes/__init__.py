@@ -7,7 +7,8 @@ from .collapse_linear import CollapseLinear
 from .compose_conv import ComposeConv
 from .drop_identity import DropIdentity
 from .fold_batchnorm import FoldBatchNorm
+from .untranspose_linear import UntransposeLinear
 
-DEFAULT_PASSES = (FoldBatchNorm(), CollapseLinear(), ComposeConv(), DropIdentity())
+DEFAULT_PASSES = (FoldBatchNorm(), CollapseLinear(), ComposeConv(), UntransposeLinear(), DropIdentity())
 
-__all__ = ["CollapseLinear", "ComposeConv", "DropIdentity", "FoldBatchNorm", "DEFAULT_PASSES"]
+__all__ = ["CollapseLinear", "ComposeConv", "DropIdentity", "FoldBatchNorm", "UntransposeLinear", "DEFAULT_PASSES"]

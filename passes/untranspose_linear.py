@@ -1,0 +1,68 @@
+"""untranspose_linear: transpose → Linear → transpose becomes one left multiplication.
+
+    (Linear(xᵀ))ᵀ = (xᵀ·Wᵀ + b)ᵀ = W·x + b·1ᵀ,   x of shape (..., n, c), W (m, n)
+
+over the last two axes (``fxfuse.modules.LeftLinear``). MLP-Mixer's token mixing is this
+chain; once LayerCollapse leaves one Linear in it, the two transposes' copies are what is left
+to pay for. Exact up to float summation order (the same products and sums).
+
+Matches ``x.transpose(a, b)`` / ``torch.transpose`` where {a, b} are the last two axes (negative
+axes, or the rank from example inputs) and the Linear's output feeds only the second transpose.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxfuse.graph import as_layer, find_chains, is_linear
+from fxfuse.modules import LeftLinear
+from fxfuse.pass_manager import Candidate, Options
+
+
+def swapped_axes(node: fx.Node) -> tuple[int, int] | None:
+    """The two axes a transpose node swaps, or None when ``node`` is no transpose."""
+    is_method = node.op == "call_method" and node.target == "transpose"
+    is_function = node.op == "call_function" and node.target is torch.transpose
+    if (is_method or is_function) and len(node.args) == 3 and not node.kwargs:
+        return node.args[1], node.args[2]
+    return None
+
+
+def swaps_last_two(node: fx.Node) -> bool | None:
+    """True / False, or None when the rank needed to tell is unknown (no example inputs)."""
+    axes = swapped_axes(node)
+    if axes is None:
+        return False
+    if all(a < 0 for a in axes):
+        return sorted(axes) == [-2, -1]
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        return None
+    rank = len(meta.shape)
+    return sorted(a % rank for a in axes) == [rank - 2, rank - 1]
+
+
+def _is_transpose(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return swapped_axes(node) is not None
+
+
+class UntransposeLinear:
+    name = "untranspose_linear"
+
+    def candidates(self, gm: fx.GraphModule, options: Options) -> list[Candidate]:
+        found = []
+        for chain, reason in find_chains(gm, _is_transpose, is_linear, _is_transpose):
+            first, last = chain.nodes[0], chain.nodes[-1]
+            proven = (swaps_last_two(first), swaps_last_two(last))
+            reason = reason or (
+                "more than one Linear between the transposes" if len(chain.middle) != 1 else
+                "without example inputs the rank is unknown, so the transposed axes are not proven the last two"
+                if None in proven else "" if all(proven) else "the transposes do not swap the last two axes")
+            if reason:
+                found.append(Candidate(chain, reason=reason))
+                continue
+            layer = as_layer(gm, chain.middle[0])
+            bias = None if layer.bias is None else layer.bias.detach().clone()
+            module = LeftLinear(layer.weight.detach().clone(), bias).requires_grad_(layer.weight.requires_grad)
+            found.append(Candidate(chain, module.eval(), tolerance=options.tolerance))
+        return found

@@ -1,0 +1,47 @@
+import pytest
+import torch
+from conftest import applied, optimize_and_compare, skipped
+from torch import nn
+
+import fxfuse
+from fxfuse.modules import LeftLinear
+
+
+class TokenMixing(nn.Module):
+    """MLP-Mixer's token mixing after collapse: transpose → Linear → transpose, plus a residual."""
+
+    def __init__(self, tokens=12, dims=(1, 2), bias=True):
+        super().__init__()
+        self.fc, self.dims = nn.Linear(tokens, tokens, bias=bias), dims
+
+    def forward(self, x):
+        return x + self.fc(x.transpose(*self.dims)).transpose(*self.dims)
+
+
+@pytest.mark.parametrize("dims,bias", [((1, 2), True), ((-1, -2), True), ((2, 1), False)])
+def test_token_mixing_becomes_a_left_matmul(dims, bias):
+    gm, report = optimize_and_compare(TokenMixing(dims=dims, bias=bias).eval(), (torch.randn(3, 12, 7),))
+    assert len(applied(report, "untranspose_linear")) == 1
+    assert [type(m) for m in gm.modules()][1:] == [LeftLinear]
+    assert not any(n.target == "transpose" for n in gm.graph.nodes)
+    assert report.macs_after == report.macs_before
+
+
+def test_other_axes_are_left_alone():
+    gm, report = optimize_and_compare(TokenMixing(tokens=3, dims=(0, 2)).eval(), (torch.randn(3, 12, 4),))
+    assert not applied(report, "untranspose_linear")
+
+
+def test_data_free_needs_negative_axes():
+    model = TokenMixing().eval()
+    assert "rank is unknown" in skipped(fxfuse.report_of(fxfuse.optimize(model)), "untranspose_linear")[0].reason
+    negative = TokenMixing(dims=(-1, -2)).eval()
+    assert fxfuse.report_of(fxfuse.optimize(negative)).applied
+
+
+def test_exports_and_pickles(tmp_path):
+    x = (torch.randn(2, 12, 5),)
+    gm = fxfuse.optimize(TokenMixing().eval(), x)
+    assert fxfuse.export_onnx(gm, x, tmp_path / "t.onnx").error <= 1e-4
+    torch.save(gm, tmp_path / "gm.pt")
+    assert torch.equal(torch.load(tmp_path / "gm.pt", weights_only=False)(*x), gm(*x))
