@@ -9,6 +9,6 @@ from .drop_identity import DropIdentity
 from .fold_batchnorm import FoldBatchNorm
 from .untranspose_linear import UntransposeLinear
 
-DEFAULT_PASSES = (FoldBatchNorm(), CollapseLinear(), ComposeConv(), UntransposeLinear(), DropIdentity())
+DEFAULT_PASSES = (FoldBatchNorm(), CollapseLinear(), ComposeConv(), DropIdentity(), UntransposeLinear())
 
 __all__ = ["CollapseLinear", "ComposeConv", "DropIdentity", "FoldBatchNorm", "UntransposeLinear", "DEFAULT_PASSES"]

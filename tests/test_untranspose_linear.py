@@ -45,3 +45,21 @@ def test_exports_and_pickles(tmp_path):
     assert fxfuse.export_onnx(gm, x, tmp_path / "t.onnx").error <= 1e-4
     torch.save(gm, tmp_path / "gm.pt")
     assert torch.equal(torch.load(tmp_path / "gm.pt", weights_only=False)(*x), gm(*x))
+
+
+class MixerTokenMlp(nn.Module):
+    """timm's Mixer token MLP: transpose → fc1 → PReLU(1) → Dropout → fc2 → Dropout → transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(12, 48), nn.PReLU(init=1.0), nn.Dropout(0.0), nn.Linear(48, 12),
+                                 nn.Dropout(0.0))
+
+    def forward(self, x):
+        return x + self.mlp(x.transpose(1, 2)).transpose(1, 2)
+
+
+def test_default_pipeline_collapses_then_untransposes_through_leftover_dropout():
+    gm, report = optimize_and_compare(MixerTokenMlp().eval(), (torch.randn(2, 12, 5),))
+    assert [r.pass_name for r in report.applied] == ["collapse", "drop_identity", "untranspose_linear"]
+    assert [type(m) for m in gm.modules()][1:] == [LeftLinear]
