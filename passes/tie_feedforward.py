@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from dataclasses import dataclass
 
 import networkx as nx
@@ -214,7 +215,9 @@ def structure_hash(gm: fx.GraphModule, ff: FeedForward) -> str:
         for a in n.all_input_nodes:
             graph.add_edge(a.name if a in inside else "x", n.name)
     graph.nodes["x"]["label"] = "input"
-    return nx.weisfeiler_lehman_graph_hash(graph, node_attr="label", iterations=4)
+    with warnings.catch_warnings():  # networkx 3.5 notes that directed-graph hashes changed: compared within one run only
+        warnings.simplefilter("ignore", UserWarning)
+        return nx.weisfeiler_lehman_graph_hash(graph, node_attr="label", iterations=4)
 
 
 def _label(gm: fx.GraphModule, n: fx.Node) -> str:
