@@ -87,7 +87,7 @@ def check_inputs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
 
 
 class _LeafTracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple):
+    def __init__(self, leaf_types: tuple = ()):  # default: torch.load re-creates the tracer without arguments
         super().__init__()
         self.leaf_types = leaf_types
 
