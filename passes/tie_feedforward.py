@@ -85,7 +85,14 @@ class FeedForward:
 
     @property
     def name(self) -> str:
-        return _origin(self.down.node)
+        """The module path holding all its layers (``blocks.3.ff``, ``vit.encoder.layer.3``)."""
+        paths = [_origin(d.node).split(".") for d in self.ups + [self.down]]
+        prefix = []
+        for parts in zip(*paths):
+            if len(set(parts)) != 1:
+                break
+            prefix.append(parts[0])
+        return ".".join(prefix) or self.down.node.name
 
 
 def as_dense(gm: fx.GraphModule, node: fx.Node) -> Dense | None:
@@ -319,10 +326,11 @@ def _position(gm: fx.GraphModule, node: fx.Node) -> int:
 
 
 def _origin(node: fx.Node) -> str:
+    """The module path of a dense node: its call_module target, or its weight attribute's owner."""
     if node.op == "call_module":
-        return node.target.rpartition(".")[0] or node.target
+        return node.target
     attrs = [a.target for a in node.all_input_nodes if a.op == "get_attr"]
-    return attrs[0].rpartition(".")[0].rpartition(".")[0] if attrs else node.name
+    return attrs[0].rpartition(".")[0] if attrs else node.name
 
 
 def _double(t):
