@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from .alignment import FeatureStats, FFWeights, average, cross_correlation, match_permutation, mix, permute
-from .capture import as_input_tuple
+from .capture import as_input_tuple, capture
 from .errors import InputError
 from .graph import rel_error
 from .report import Row, count_params
@@ -330,11 +330,12 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="fxfuse finetune", disable=not enabled, file=sys.stderr)
 
 
-def feedforward_cka(gm: fx.GraphModule, batches: Iterable, mask: Callable | None = None) -> tuple[torch.Tensor, list[str]]:
+def feedforward_cka(model: nn.Module, batches: Iterable, mask: Callable | None = None) -> tuple[torch.Tensor, list[str]]:
     """Linear CKA between the outputs of every pair of FF sublayers (Verma et al. Sec. 5.6), from
     streaming float64 sums over ``batches``. Returns the L×L matrix and the FFs' names."""
     from fxfuse.passes.tie_feedforward import find_feedforwards
 
+    gm = model if isinstance(model, fx.GraphModule) else capture(model)
     ffs = find_feedforwards(gm)
     n, sums, cross = 0, None, None
     for batch in batches:
