@@ -73,7 +73,7 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
         found = [c for c in p.candidates(gm, options) if c.key not in rejected]
         todo = _without_overlaps([c for c in found if c.replacement is not None and (c.exact or not options.data_free)])
         skipped = [c for c in found if c.replacement is None or (not c.exact and options.data_free)]
-        values = _record(gm, inputs, {c.chain.input for c in todo}) if inputs is not None else {}
+        values = record(gm, inputs, {c.chain.input for c in todo}) if inputs is not None else {}
         applied = 0
         for c in todo:
             error = _chain_error(gm, c, values[c.chain.input]) if values else None
@@ -118,7 +118,8 @@ class _Recorder(ShapeProp):
         return result
 
 
-def _record(gm: fx.GraphModule, inputs: tuple, wanted: set) -> dict:
+def record(gm: fx.GraphModule, inputs: tuple, wanted: set) -> dict:
+    """Run ``gm`` on ``inputs`` (no grad), filling shapes; return the values of the ``wanted`` nodes."""
     recorder = _Recorder(gm, wanted)
     with torch.no_grad():
         recorder.propagate(*inputs)
@@ -126,7 +127,7 @@ def _record(gm: fx.GraphModule, inputs: tuple, wanted: set) -> dict:
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
-    _record(gm, inputs, set())
+    record(gm, inputs, set())
 
 
 def _chain_error(gm: fx.GraphModule, c: Candidate, x: torch.Tensor) -> float:

@@ -30,6 +30,7 @@ from .alignment import FeatureStats, FFWeights, average, cross_correlation, matc
 from .capture import as_input_tuple, capture
 from .errors import InputError
 from .graph import rel_error
+from .pass_manager import record
 from .report import Row, count_params
 from .similarity import MEASURES, distance, linear_cka_from_sums
 
@@ -116,8 +117,30 @@ def run_tie(gm: fx.GraphModule, tie: Tie, example_inputs: tuple | None) -> list[
         rows.append(Row(PASS_NAME, "scored", [ffs[i].name for i in w], score=scores[w],
                         reason=f"window {list(w)} by {tie.selector}" + ("" if w in chosen else "; not chosen")))
     for w in chosen:
-        rows.append(apply_plan(gm, tie, [ffs[i] for i in w], plans[w], samples))
+        problem = alignment_problem(gm, ffs, plans[w], samples)
+        if problem:
+            rows.append(Row(PASS_NAME, "skipped", [ffs[i].name for i in w], reason=problem))
+        else:
+            rows.append(apply_plan(gm, tie, [ffs[i] for i in w], plans[w], samples))
+    if len(chosen) < tie.groups:
+        rows.append(Row(PASS_NAME, "skipped", [], reason=f"only {len(chosen)} non-overlapping window(s) of {tie.size} "
+                                                          f"FFs fit, {tie.groups} asked for (remove={tie.remove})"))
     return rows
+
+
+ALIGN_TOLERANCE = 1e-4  # a permuted FF must reproduce its own outputs (float32 round-off only)
+
+
+def alignment_problem(gm: fx.GraphModule, ffs, plan: Plan, samples: dict) -> str | None:
+    """Check, before averaging, that every permuted member still computes its own function on the
+    first calibration batch (it must: Sec. 3.2's invariance); the reason to skip if one does not."""
+    for i, weights in plan.aligned.items():
+        with torch.no_grad():
+            error = rel_error(build_shared(gm, ffs[i], weights)(samples[i][0]), samples[i][1])
+        if not error <= ALIGN_TOLERANCE:
+            return (f"{ffs[i].name} permuted differs from itself by {error:.1e} > {ALIGN_TOLERANCE:g}: something in it "
+                    "is not element-wise over hidden neurons, so the alignment would change its function")
+    return None
 
 
 def _candidate_windows(tie: Tie, ffs, groups: dict, rows: list[Row]) -> list[tuple[int, ...]]:
@@ -158,26 +181,6 @@ def _batches(tie: Tie, example_inputs) -> list[tuple]:
     return batches
 
 
-class _Probe(fx.Interpreter):
-    def __init__(self, gm, wanted: set):
-        super().__init__(gm)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, n):
-        result = super().run_node(n)
-        if n in self.wanted:
-            self.values[n] = result
-        return result
-
-
-def probe(gm: fx.GraphModule, batch: tuple, nodes: set) -> dict:
-    """The values of ``nodes`` when ``gm`` runs on ``batch`` (no grad)."""
-    interp = _Probe(gm, nodes)
-    with torch.no_grad():
-        interp.run(*batch)
-    return interp.values
-
-
 def _rows_of(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     rows = value.reshape(-1, value.shape[-1])
     return rows if mask is None else rows[mask.reshape(-1).bool()]
@@ -190,7 +193,7 @@ def collect_features(gm, ffs, batches, pairs: dict[int, set], mask=None):
     samples = {}
     wanted = {ff.hidden for ff in ffs}
     for b, batch in enumerate(batches):
-        values = probe(gm, batch, wanted | ({n for ff in ffs for n in (ff.x, ff.y)} if b == 0 else set()))
+        values = record(gm, batch, wanted | ({n for ff in ffs for n in (ff.x, ff.y)} if b == 0 else set()))
         if b == 0:
             samples = {i: (values[ff.x], values[ff.y]) for i, ff in enumerate(ffs)}
         m = mask(batch) if mask is not None else None
@@ -340,7 +343,7 @@ def feedforward_cka(model: nn.Module, batches: Iterable, mask: Callable | None =
     n, sums, cross = 0, None, None
     for batch in batches:
         batch = as_input_tuple(batch)
-        values = probe(gm, batch, {ff.y for ff in ffs})
+        values = record(gm, batch, {ff.y for ff in ffs})
         m = mask(batch) if mask is not None else None
         outs = [_rows_of(values[ff.y], m).double() for ff in ffs]
         if sums is None:

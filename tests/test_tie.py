@@ -264,3 +264,25 @@ def test_bad_options_name_the_fix(options, message):
 def test_tie_without_any_data_is_an_input_error():
     with pytest.raises(fxfuse.InputError, match="calibration"):
         fxfuse.optimize(tiny(layers=4), None, tie=fxfuse.Tie(remove=1))
+
+
+def test_fewer_windows_than_asked_is_reported():
+    gm = fxfuse.optimize(tiny(layers=4), (ids(0),), tie=fxfuse.Tie(remove=4, window=3, select="cosine",
+                                                                   calibration=[ids(1)]))
+    report = fxfuse.report_of(gm)
+    assert len([r for r in report.applied if r.pass_name == "tie"]) == 1
+    assert any("1 non-overlapping window(s) of 3 FFs fit, 2 asked for" in r.reason for r in report.skipped)
+
+
+def test_alignment_check_refuses_a_permutation_that_changes_the_function():
+    from fxfuse.tie import Plan, alignment_problem, collect_features
+
+    gm = fx.symbolic_trace(tiny(layers=2))
+    ffs = find_feedforwards(gm)
+    _, samples = collect_features(gm, ffs, [(ids(1),)], {})
+    good = Plan((0, 1), {i: ff.weights() for i, ff in enumerate(ffs)}, None)
+    assert alignment_problem(gm, ffs, good, samples) is None
+    broken = ffs[1].weights()
+    broken.ups[0] = (broken.ups[0][0][torch.randperm(256)], broken.ups[0][1])  # rows moved, columns not
+    reason = alignment_problem(gm, ffs, Plan((0, 1), {0: ffs[0].weights(), 1: broken}, None), samples)
+    assert reason is not None and "blocks.1.ff" in reason
