@@ -246,7 +246,9 @@ def build_shared(gm: fx.GraphModule, ff, weights: FFWeights) -> fx.GraphModule:
 
 
 def apply_plan(gm: fx.GraphModule, tie: Tie, members: list, plan: Plan, samples: dict) -> Row:
-    """Tie (or drop) the window's FFs in ``gm``; the row gives parameters removed and the error."""
+    """Tie (or drop) the window's FFs in ``gm``. The row's parameters are the window's FF
+    parameters before and after (one shared FF, or none when dropped); its error is the largest
+    max-relative error of an FF output on the first calibration batch."""
     before = count_params(gm)
     names = [ff.name for ff in members]
     if plan.merged is None:
@@ -256,7 +258,9 @@ def apply_plan(gm: fx.GraphModule, tie: Tie, members: list, plan: Plan, samples:
         with torch.no_grad():
             error = max(rel_error(shared(samples[i][0]), samples[i][1]) for i in plan.window)
     rewrite(gm, members, plan)
-    return Row(PASS_NAME, "applied", names, params_before=before, params_after=count_params(gm), error=error,
+    removed = before - count_params(gm)
+    window_params = sum(ff.numel for ff in members)
+    return Row(PASS_NAME, "applied", names, params_before=window_params, params_after=window_params - removed, error=error,
                exact=error == 0.0, reason=f"{tie.fuse} of {len(members)} FFs, align={tie.align}, anchor={tie.anchor}")
 
 

@@ -84,6 +84,11 @@ class FeedForward:
         self.down.load(*ff.down)
 
     @property
+    def numel(self) -> int:
+        """Parameters of its layers (weights and biases)."""
+        return sum(t.numel() for d in self.ups + [self.down] for t in (d.weight, d.bias) if t is not None)
+
+    @property
     def name(self) -> str:
         """The module path holding all its layers (``blocks.3.ff``, ``vit.encoder.layer.3``)."""
         paths = [_origin(d.node).split(".") for d in self.ups + [self.down]]

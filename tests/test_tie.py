@@ -172,6 +172,7 @@ def test_several_windows_in_one_run_and_window_rows():
     assert tied[0].where == chosen[0].where and not set(tied[0].where) & set(tied[1].where)
     assert report.params_before - report.params_after == 2 * ff_params(model, 0)
     assert all(r.error is not None and r.error > 0 for r in tied)
+    assert [(r.params_before, r.params_after) for r in tied] == [(2 * ff_params(model, 0), ff_params(model, 0))] * 2
     assert report.tie_error is not None and report.tie_error > 0
 
 
