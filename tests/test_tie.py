@@ -287,3 +287,16 @@ def test_alignment_check_refuses_a_permutation_that_changes_the_function():
     broken.ups[0] = (broken.ups[0][0][torch.randperm(256)], broken.ups[0][1])  # rows moved, columns not
     reason = alignment_problem(gm, ffs, Plan((0, 1), {0: ffs[0].weights(), 1: broken}, None), samples)
     assert reason is not None and "blocks.1.ff" in reason
+
+
+@pytest.mark.parametrize("measure", ["cosine", "kl", "bures"])
+def test_data_free_ranking_finds_the_ffs_that_are_permutations_of_each_other(measure):
+    model = permuted_copies("gelu", layers=6, dtype=torch.float32)  # FFs 0-3 alike, 4 and 5 not
+    gm = fxfuse.optimize(model, (ids(0),), tie=fxfuse.Tie(remove=2, select=measure, calibration=[ids(1)]))
+    report = fxfuse.report_of(gm)
+    scores = {tuple(r.where): r.score for r in report.scored}
+    alike = [s for w, s in scores.items() if set(w) <= {f"blocks.{i}.ff" for i in range(4)}]
+    others = [s for w, s in scores.items() if not set(w) <= {f"blocks.{i}.ff" for i in range(4)}]
+    assert max(alike) < 1e-4 < min(others)
+    chosen = [r for r in report.applied if r.pass_name == "tie"][0]
+    assert set(chosen.where) <= {f"blocks.{i}.ff" for i in range(4)} and chosen.error < 1e-5
