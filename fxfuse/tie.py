@@ -145,6 +145,11 @@ def alignment_problem(gm: fx.GraphModule, ffs, plan: Plan, samples: dict) -> str
 
 def _candidate_windows(tie: Tie, ffs, groups: dict, rows: list[Row]) -> list[tuple[int, ...]]:
     if tie.windows is not None:
+        for w in tie.windows:
+            if not w or any(not 0 <= i < len(ffs) for i in w) or len({ffs[i].signature for i in w}) != 1:
+                found = ", ".join(f"{i}: {ff.name}" for i, ff in enumerate(ffs)) or "none"
+                raise InputError(f"Tie(windows=...) window {list(w)} is not a set of structurally identical FFs. "
+                                 f"FFs found, in graph order: {found}. Fix: give indices of FFs of one shape.")
         return [tuple(w) for w in tie.windows]
     found = []
     for members in groups.values():

@@ -262,6 +262,15 @@ def test_bad_options_name_the_fix(options, message):
         fxfuse.optimize(tiny(layers=4), (ids(0),), tie=fxfuse.Tie(**options))
 
 
+def test_explicit_window_of_unlike_ffs_is_an_input_error():
+    model = tiny(layers=3)
+    model.blocks[2].ff = type(model.blocks[0].ff)(64, 128)
+    with pytest.raises(fxfuse.InputError, match="structurally identical"):
+        fxfuse.optimize(model.eval(), (ids(0),), tie=fxfuse.Tie(windows=[(1, 2)]))
+    with pytest.raises(fxfuse.InputError, match="blocks.0.ff"):
+        fxfuse.optimize(model.eval(), (ids(0),), tie=fxfuse.Tie(windows=[(0, 7)]))
+
+
 def test_tie_without_any_data_is_an_input_error():
     with pytest.raises(fxfuse.InputError, match="calibration"):
         fxfuse.optimize(tiny(layers=4), None, tie=fxfuse.Tie(remove=1))
