@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxfuse.alignment import FFWeights
+from fxfuse.errors import PassError
 from fxfuse.graph import _erase_attr_node, _free_name, as_layer, fetch_attr, module_of, tidy
 
 ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout, nn.LeakyReLU,
@@ -276,7 +277,8 @@ def extract(gm: fx.GraphModule, ff: FeedForward) -> fx.GraphModule:
 def find_in_extracted(module: fx.GraphModule) -> FeedForward:
     """The FF of a module made by ``extract`` (its roles re-found by the same structural rules)."""
     ffs = find_feedforwards(module)
-    assert len(ffs) == 1, "an extracted FF holds exactly one FF"
+    if len(ffs) != 1:  # a bug: extract() copies exactly one FF's region
+        raise PassError(f"pass 'tie': an extracted FF region holds {len(ffs)} FFs, not 1:\n{module.code}")
     return ffs[0]
 
 
