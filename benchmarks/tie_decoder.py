@@ -114,15 +114,17 @@ def main() -> None:
                          checkpoint_bytes=checkpoint_bytes(gm), val_loss_before_tuning=before,
                          val_loss_after_tuning=evaluate(tuned, val_data),
                          windows={", ".join(r.where): r.score for r in report.scored}))
-        print(f"{name:<30} params {rows[-1]['params']:>9,}  val loss {before:.4f} → {rows[-1]['val_loss_after_tuning']:.4f}"
-              f"  merged {merged}", flush=True)
+        print(f"{name:<30} params {rows[-1]['params']:>9,}  val loss {before:.4f} → "
+              f"{rows[-1]['val_loss_after_tuning']:.4f}  merged {merged}", flush=True)
 
     matrix, names = fxfuse.feedforward_cka(model, calibration[:4])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fxfuse.save_heatmap(matrix, names, out.with_name(out.name + "_cka.png"), "CKA between FF outputs (trained TinyDecoder)")
+    fxfuse.save_heatmap(matrix, names, out.with_name(out.name + "_cka.png"),
+                        "CKA between FF outputs (trained TinyDecoder)")
     command = "python " + " ".join(sys.argv)
-    result = dict(command=command, torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+    result = dict(command=command, torch=torch.__version__, python=platform.python_version(),
+                  machine=platform.machine(),
                   threads=args.threads, corpus="pydoc_data.topics (CPython)", chars=len(ids), vocab=vocab,
                   train_steps=args.train_steps, tune_steps=args.tune_steps, batch=args.batch, context=args.context,
                   final_train_loss=sum(train_losses[-50:]) / 50, rows=rows, cka=matrix.tolist(), ff_names=names,
@@ -136,9 +138,10 @@ def markdown(result: dict) -> str:
     lines = [f"Command: `{result['command']}` (torch {result['torch']}, {result['threads']} CPU thread(s), "
              f"{result['seconds']:.0f} s)", "",
              f"TinyDecoder (6 blocks, dim 128, FF 512, GELU) trained {result['train_steps']} steps on "
-             f"{result['corpus']}, {result['chars']:,} characters; validation loss (nats/char) on 32×{result['batch']} "
-             f"held-out windows; recovery fine-tune {result['tune_steps']} steps.", "",
-             "| variant | FFs merged / dropped | parameters | checkpoint bytes | val loss before tuning | after tuning |",
+             f"{result['corpus']}, {result['chars']:,} characters; validation loss (nats/char) on "
+             f"32×{result['batch']} held-out windows; recovery fine-tune {result['tune_steps']} steps.", "",
+             "| variant | FFs merged / dropped | parameters | checkpoint bytes "
+             "| val loss before tuning | after tuning |",
              "|---|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
         merged = "; ".join(", ".join(w) for w in r["merged"]) or "—"

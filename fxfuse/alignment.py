@@ -81,7 +81,8 @@ class FeatureStats:
     def add(self, a: torch.Tensor) -> None:
         a = a.double()
         if self.sum is None:
-            self.sum, self.sum_sq = torch.zeros(a.shape[1], dtype=torch.float64), torch.zeros(a.shape[1], dtype=torch.float64)
+            self.sum = torch.zeros(a.shape[1], dtype=torch.float64)
+            self.sum_sq = torch.zeros(a.shape[1], dtype=torch.float64)
         self.n += a.shape[0]
         self.sum += a.sum(0)
         self.sum_sq += (a * a).sum(0)

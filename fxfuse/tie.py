@@ -91,7 +91,8 @@ class Tie:
         if self.windows is None and (self.remove < 1 or removed_per_window < 1 or self.remove % removed_per_window):
             raise InputError(f"Tie(remove={self.remove}, window={self.window}): each window of {self.size} FFs "
                              f"removes {removed_per_window}, which must divide remove ≥ 1. "
-                             "Fix: pick window so that window − 1 divides remove (window = remove + 1 for one group).")
+                             "Fix: pick window so that window − 1 divides remove "
+                             "(window = remove + 1 for one group).")
 
     @property
     def groups(self) -> int:
@@ -182,7 +183,8 @@ def _batches(tie: Tie, example_inputs) -> list[tuple]:
     source = tie.calibration if tie.calibration is not None else ([example_inputs] if example_inputs else [])
     batches = [as_input_tuple(b) for b in source]
     if not batches:
-        raise InputError("Tie needs data for its features: pass Tie(calibration=batches) or example_inputs to optimize.")
+        raise InputError("Tie needs data for its features: "
+                         "pass Tie(calibration=batches) or example_inputs to optimize.")
     return batches
 
 
@@ -265,7 +267,8 @@ def apply_plan(gm: fx.GraphModule, tie: Tie, members: list, plan: Plan, samples:
     rewrite(gm, members, plan)
     removed = before - count_params(gm)
     window_params = sum(ff.numel for ff in members)
-    return Row(PASS_NAME, "applied", names, params_before=window_params, params_after=window_params - removed, error=error,
+    return Row(PASS_NAME, "applied", names, params_before=window_params, params_after=window_params - removed,
+               error=error,
                exact=error == 0.0, reason=f"{tie.fuse} of {len(members)} FFs, align={tie.align}, anchor={tie.anchor}")
 
 
@@ -342,7 +345,8 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="fxfuse finetune", disable=not enabled, file=sys.stderr)
 
 
-def feedforward_cka(model: nn.Module, batches: Iterable, mask: Callable | None = None) -> tuple[torch.Tensor, list[str]]:
+def feedforward_cka(model: nn.Module, batches: Iterable,
+                    mask: Callable | None = None) -> tuple[torch.Tensor, list[str]]:
     """Linear CKA between the outputs of every pair of FF sublayers (Verma et al. Sec. 5.6), from
     streaming float64 sums over ``batches``. Returns the L×L matrix and the FFs' names."""
     from fxfuse.passes.tie_feedforward import find_feedforwards

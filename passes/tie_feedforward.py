@@ -77,7 +77,8 @@ class FeedForward:
     signature: str = ""
 
     def weights(self) -> FFWeights:
-        return FFWeights([(d.matrix(), _double(d.bias)) for d in self.ups], (self.down.matrix(), _double(self.down.bias)))
+        ups = [(d.matrix(), _double(d.bias)) for d in self.ups]
+        return FFWeights(ups, (self.down.matrix(), _double(self.down.bias)))
 
     def load(self, ff: FFWeights) -> None:
         for d, (w, b) in zip(self.ups, ff.ups):
@@ -228,7 +229,7 @@ def structure_hash(gm: fx.GraphModule, ff: FeedForward) -> str:
         for a in n.all_input_nodes:
             graph.add_edge(a.name if a in inside else "x", n.name)
     graph.nodes["x"]["label"] = "input"
-    with warnings.catch_warnings():  # networkx 3.5 notes that directed-graph hashes changed: compared within one run only
+    with warnings.catch_warnings():  # networkx 3.5 warns that digraph hashes changed; ours are compared in-run only
         warnings.simplefilter("ignore", UserWarning)
         return nx.weisfeiler_lehman_graph_hash(graph, node_attr="label", iterations=4)
 

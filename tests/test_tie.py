@@ -77,7 +77,8 @@ def test_permuted_unmerged_ff_is_the_same_function(act):
     module = extract(gm, ff)
     x = torch.randn(3, 5, 64, dtype=torch.float64)
     ref = module(x)
-    find_in_extracted(module).load(permute(ff.weights(), torch.randperm(256, generator=torch.Generator().manual_seed(0))))
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(0))
+    find_in_extracted(module).load(permute(ff.weights(), perm))
     assert not torch.equal(find_in_extracted(module).ups[0].weight, ff.ups[0].weight)
     assert rel(module(x), ref) <= 1e-12
 
@@ -120,7 +121,8 @@ def test_tied_weights_are_one_tensor_in_parameters_state_dict_and_checkpoint(tmp
     gm = fxfuse.optimize(model, (x,), tie=fxfuse.Tie(windows=[(0, 1, 2)], calibration=[ids(1)]))
     removed = 2 * ff_params(model, 0)
     assert sum(p.numel() for p in gm.parameters()) == sum(p.numel() for p in model.parameters()) - removed
-    assert sum(t.numel() for t in gm.state_dict().values()) == sum(t.numel() for t in model.state_dict().values()) - removed
+    stored = lambda m: sum(t.numel() for t in m.state_dict().values())  # noqa: E731
+    assert stored(gm) == stored(model) - removed
     sites = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("tied_ff")]
     assert len(sites) == 3 and len({n.target for n in sites}) == 1
     sizes = {}

@@ -13,10 +13,11 @@ from fxfuse.similarity import (bures_wasserstein, covariance_cosine, distance, g
 
 def random_ff(hidden=16, dim=8, swiglu=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    ups = [(torch.randn(hidden, dim, generator=g, dtype=torch.float64), torch.randn(hidden, generator=g, dtype=torch.float64))]
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    ups = [(randn(hidden, dim), randn(hidden))]
     if swiglu:
-        ups.append((torch.randn(hidden, dim, generator=g, dtype=torch.float64), None))
-    return FFWeights(ups, (torch.randn(dim, hidden, generator=g, dtype=torch.float64), torch.randn(dim, generator=g, dtype=torch.float64)))
+        ups.append((randn(hidden, dim), None))
+    return FFWeights(ups, (randn(dim, hidden), randn(dim)))
 
 
 def apply_ff(ff, x):
