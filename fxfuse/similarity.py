@@ -116,11 +116,11 @@ def save_heatmap(matrix: torch.Tensor, labels: list[str], path, title: str = "CK
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(labels), 0.8 + 0.5 * len(labels)))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * len(labels), 1.5 + 0.5 * len(labels)))
     image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(labels)), labels, rotation=90)
     ax.set_yticks(range(len(labels)), labels)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
