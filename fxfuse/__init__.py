@@ -10,9 +10,11 @@ from .export import ExportReport, export_onnx
 from .optimize import optimize, report_of
 from .pass_manager import Candidate, Options
 from .report import Report, Row
+from .similarity import save_heatmap
+from .tie import Tie, feedforward_cka, finetune
 
 __all__ = [
     "optimize", "report_of", "export_onnx", "ExportReport", "Report", "Row", "Candidate", "Options",
     "FxfuseError", "InputError", "TraceError", "UnsupportedModelError", "VerificationError", "PassError",
-    "ExportError",
+    "ExportError", "Tie", "finetune", "feedforward_cka", "save_heatmap",
 ]

@@ -74,9 +74,14 @@ def check_model(model: Any) -> None:
 
 def capture(model: nn.Module, *, inplace: bool = False, leaf_modules: Iterable[type] = (),
             concrete_args: dict | None = None) -> fx.GraphModule:
-    """Trace (a copy of) ``model`` into a GraphModule, turning trace failures into ``TraceError``."""
+    """Trace (a copy of) ``model`` into a GraphModule, turning trace failures into ``TraceError``.
+
+    A ``GraphModule`` (e.g. from ``transformers.utils.fx.symbolic_trace``) is used as it is (copied
+    unless ``inplace``), not traced again."""
     check_model(model)
     target = model if inplace else _copy(model)
+    if isinstance(target, fx.GraphModule) and not leaf_modules and concrete_args is None:
+        return target  # already a graph (e.g. from transformers' HF tracer): retracing could lose what it handled
     tracer = _LeafTracer(tuple(leaf_modules))
     try:
         graph = tracer.trace(target, concrete_args=concrete_args)

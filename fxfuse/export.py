@@ -55,8 +55,7 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     count and initializer bytes. ``opset`` None takes the exporter's default; the report says which."""
     inputs = as_input_tuple(example_inputs)
     stats, opset_used = _export(module, inputs, Path(path), opset, dynamic_batch)
-    checks = [inputs] + [tuple(torch.randn(b, *x.shape[1:], dtype=x.dtype, device=x.device) for x in inputs)
-                         for b in ((1, 7) if dynamic_batch else ())]
+    checks = [inputs] + [tuple(_with_batch(x, b) for x in inputs) for b in ((1, 7) if dynamic_batch else ())]
     error = max(rel_error(run_onnxruntime(path, xs), _torch_outputs(module, xs)) for xs in checks)
     if not error <= rtol:
         raise ExportError(f"onnxruntime's output differs from torch's by {error:.2e} (> rtol {rtol:g}) for {path}")
@@ -81,6 +80,13 @@ def onnxruntime_runner(path: str | os.PathLike) -> Callable[[tuple], list[torch.
 def run_onnxruntime(path: str | os.PathLike, inputs: tuple) -> list[torch.Tensor]:
     """Outputs of the ONNX file at ``path`` on ``inputs``, by onnxruntime's CPU provider."""
     return onnxruntime_runner(path)(inputs)
+
+
+def _with_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Fresh random floats, or the example's own rows (token ids, masks) repeated, at ``batch``."""
+    if x.is_floating_point():
+        return torch.randn(batch, *x.shape[1:], dtype=x.dtype, device=x.device)
+    return x[torch.arange(batch, device=x.device) % x.shape[0]]
 
 
 def _torch_outputs(module: nn.Module, inputs: tuple) -> list[torch.Tensor]:

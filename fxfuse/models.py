@@ -30,3 +30,58 @@ def demo_model(seed: int = 0) -> nn.Module:
 
 def demo_inputs(batch: int = 2) -> tuple[torch.Tensor]:
     return (torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1)),)
+
+
+class FeedForward(nn.Module):
+    """Linear → act → Linear, or SwiGLU: down(act(gate(x)) ⊙ up(x))."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
+        super().__init__()
+        self.act_name = act
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        if act == "swiglu":
+            self.up = nn.Linear(dim, hidden, bias=False)
+        self.act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(), "silu": nn.SiLU(),
+                    "swiglu": nn.SiLU(), "prelu": nn.PReLU()}[act]
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if self.act_name == "swiglu":
+            h = h * self.up(x)
+        return self.fc2(h)
+
+
+class Block(nn.Module):
+    """A pre-LayerNorm decoder block: causal self-attention, then a feed-forward sublayer."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, act: str):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.ff = FeedForward(dim, hidden, act)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.ff(self.ln2(x))
+
+
+class TinyDecoder(nn.Module):
+    """A small decoder-only (GPT-style) language model: token ids (B, T) → logits (B, T, vocab)."""
+
+    def __init__(self, vocab: int = 96, dim: int = 64, layers: int = 6, heads: int = 4, hidden: int = 256,
+                 context: int = 64, act: str = "gelu"):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, hidden, act) for _ in range(layers))
+        self.ln, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable, Sequence
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -13,6 +12,7 @@ from .errors import VerificationError
 from .graph import rel_error
 from .pass_manager import Options, Pass, propagate_shapes, run_passes
 from .report import Report, count_macs, count_params
+from .tie import Tie, run_tie
 
 REPORT_KEY = "fxfuse_report"
 
@@ -20,7 +20,7 @@ REPORT_KEY = "fxfuse_report"
 def optimize(model: nn.Module, example_inputs: Any = None, *, passes: Sequence[Pass] | None = None,
              tau: float = 1e-4, force: bool = False, tolerance: float = 1e-5, conv_tolerance: float = 1e-4,
              approx_tolerance: float = 1e-2, inplace: bool = False, leaf_modules: Iterable[type] = (),
-             concrete_args: dict | None = None) -> fx.GraphModule:
+             concrete_args: dict | None = None, tie: Tie | None = None) -> fx.GraphModule:
     """Return a smaller ``GraphModule`` computing what ``model`` computes; ``report_of(gm)`` says how.
 
     With ``example_inputs`` every rewrite is checked on the activations they produce (max relative
@@ -28,6 +28,10 @@ def optimize(model: nn.Module, example_inputs: Any = None, *, passes: Sequence[P
     slopes within ``tau`` of 1 but not 1), and the whole graph is checked against the original.
     Without them only provably exact rewrites run. ``model`` is left unchanged: the rewrite works
     on a deep copy unless ``inplace=True`` (then the result shares the untouched layers' tensors).
+
+    ``tie=fxfuse.Tie(...)`` (opt-in, approximate) then merges repeated feed-forward sublayers so
+    that several blocks share one set of weights; its rows join the report and its end-to-end
+    error is ``report.tie_error``.
     """
     from fxfuse.passes import DEFAULT_PASSES
 
@@ -44,6 +48,8 @@ def optimize(model: nn.Module, example_inputs: Any = None, *, passes: Sequence[P
     report.params_after = count_params(gm)
     if inputs is not None:
         _check_end_to_end(gm, inputs, reference, report)
+    if tie is not None:
+        _run_tie(gm, tie, inputs, reference if inputs is not None else None, report)
     report.seconds = time.perf_counter() - start
     gm.meta[REPORT_KEY] = report
     return gm
@@ -52,6 +58,13 @@ def optimize(model: nn.Module, example_inputs: Any = None, *, passes: Sequence[P
 def report_of(gm: fx.GraphModule) -> Report:
     """The report ``optimize`` attached to the module it returned."""
     return gm.meta[REPORT_KEY]
+
+
+def _run_tie(gm: fx.GraphModule, tie: Tie, inputs, reference, report: Report) -> None:
+    report.rows += run_tie(gm, tie, inputs)
+    report.params_after = count_params(gm)
+    if inputs is not None:  # MACs are unchanged by tying: one module computes at every site
+        report.tie_error = rel_error(propagate_shapes(gm, inputs), reference)
 
 
 def _check_end_to_end(gm: fx.GraphModule, inputs: tuple, reference, report: Report) -> None:

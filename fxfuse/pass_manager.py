@@ -75,7 +75,7 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
         found = [c for c in p.candidates(gm, options) if c.key not in rejected]
         todo = _without_overlaps([c for c in found if c.replacement is not None and (c.exact or not options.data_free)])
         skipped = [c for c in found if c.replacement is None or (not c.exact and options.data_free)]
-        values = _record(gm, inputs, {c.chain.input for c in todo}) if inputs is not None and todo else {}
+        values = record(gm, inputs, {c.chain.input for c in todo}) if inputs is not None and todo else {}
         applied = 0
         for c in todo:
             if values:
@@ -159,7 +159,8 @@ def full_precision():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
-def _record(gm: fx.GraphModule, inputs: tuple, wanted: set) -> dict:
+def record(gm: fx.GraphModule, inputs: tuple, wanted: set) -> dict:
+    """Run ``gm`` on ``inputs`` (no grad, no TF32), filling shapes; return the values of the ``wanted`` nodes."""
     recorder = _Recorder(gm, wanted)
     with full_precision():
         recorder.propagate(*inputs)

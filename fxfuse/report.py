@@ -29,6 +29,7 @@ class Row:
     exact: bool | None = None
     tolerance: float | None = None  # the error the rewrite was allowed
     reason: str = ""
+    score: float | None = None  # tie: a window's selection score (lower is better)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Report:
     macs_after: int | None = None
     error: float | None = None  # end-to-end, original vs optimized, on the example inputs
     seconds: float = 0.0
+    tie_error: float | None = None  # end-to-end after the (approximate, opt-in) tie step
 
     @property
     def applied(self) -> list[Row]:
@@ -47,7 +49,12 @@ class Report:
 
     @property
     def skipped(self) -> list[Row]:
-        return [r for r in self.rows if r.status != "applied"]
+        return [r for r in self.rows if r.status not in ("applied", "scored")]
+
+    @property
+    def scored(self) -> list[Row]:
+        """Candidates that were scored (tie's windows), chosen or not."""
+        return [r for r in self.rows if r.status == "scored"]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,12 +68,15 @@ class Report:
         lines = [head, "-" * len(head)]
         for r in self.rows:
             detail = ", ".join(r.where) + (f"  — {r.reason}" if r.reason else "")
+            detail += "" if r.score is None else f" (score {r.score:.4g})"
             lines.append(f"{r.pass_name:<16} {r.status:<11} {_arrow(r.params_before, r.params_after):>21} "
                          f"{_arrow(r.macs_before, r.macs_after):>25} {_num(r.error):>9}  {detail}")
         lines.append("-" * len(head))
         lines.append(f"{'model':<16} {len(self.applied):>3} applied {_arrow(self.params_before, self.params_after):>21} "
                      f"{_arrow(self.macs_before, self.macs_after):>25} {_num(self.error):>9}  "
                      f"{len(self.skipped)} skipped, {self.seconds:.2f} s")
+        if self.tie_error is not None:
+            lines.append(f"after tie: end-to-end max relative error {self.tie_error:.2e} (approximate, opt-in)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -4,6 +4,10 @@ from torch import nn
 
 import fxfuse
 
+# The CI machines have 2 cores shared with other jobs: intra-op threads then fight each other and small
+# ops get ~1000x slower. One thread keeps the suite fast and its timings stable.
+torch.set_num_threads(1)
+
 
 def max_rel_error(new, ref) -> float:
     """max |new - ref| / max |ref|, the measure of fxfuse's tolerances."""

@@ -1,0 +1,373 @@
+"""Tie: merge repeated feed-forward sublayers and share one set of weights (opt-in, approximate).
+
+    gm = fxfuse.optimize(model, example_inputs, tie=fxfuse.Tie(remove=4, calibration=batches, evaluate=val_loss))
+
+Verma, Murray & Duh, "Merging Feed-Forward Sublayers for Compressed Transformers":
+1. one pass over calibration data collects, for every FF at once, streaming float64 sums of the
+   features just before the activation (Sec. 3.3; SwiGLU: the gated product, App. A);
+2. each candidate window of adjacent, structurally identical FFs is aligned to its anchor
+   (Eqs. 1–2), averaged (Eqs. 3–6) — or fused by O'Neill et al.'s "freeze"/"mix" — and scored by
+   the user's ``evaluate`` on a copy of the model (Sec. 3.4), or ranked data-free by a weight
+   measure (layer fusion Eqs. 2, 3, 5, Euclidean);
+3. the best non-overlapping windows are tied: every FF of a window calls one shared module.
+
+Merging is exact only when the aligned FFs are equal; the report gives each merge's measured
+error on the FF outputs (first calibration batch) and ``Report.tie_error`` end to end.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .alignment import FeatureStats, FFWeights, average, cross_correlation, match_permutation, mix, permute
+from .capture import as_input_tuple, capture
+from .errors import InputError
+from .graph import rel_error
+from .pass_manager import record
+from .report import Row, count_params
+from .similarity import MEASURES, distance, linear_cka_from_sums
+
+ALIGNS = ("permute", "vanilla")
+FUSES = ("mean", "freeze", "mix", "drop")
+ANCHORS = ("first", "middle", "last")
+PASS_NAME = "tie"
+
+
+@dataclass
+class Tie:
+    """What to merge and how. ``remove``: FF sublayers to remove in all; ``window``: FFs per merged
+    group (default ``remove + 1``, one group; ``remove`` must be a multiple of ``window − 1``).
+
+    calibration: batches (a tensor or tuple of model inputs each) for the features; default the
+        example inputs. ``mask(batch)`` may return a bool tensor of the batch's positions (e.g. the
+        attention mask) to leave padding out of the features.
+    evaluate: ``evaluate(model) -> float``, lower is better (e.g. validation loss): windows are
+        scored by it (Sec. 3.4). Without it, ``select`` names a data-free measure.
+    select: 'evaluate' or one of 'cosine', 'kl', 'bures', 'euclidean' (layer fusion measures).
+    align: 'permute' (Eqs. 1–2) or 'vanilla' (average without alignment, the paper's baseline).
+    fuse: 'mean' (Eq. 6), 'freeze' (keep the member nearest the network's middle), 'mix' (random
+        per-neuron choice, biases averaged) or 'drop' (layer-drop baseline: the window's FFs output
+        zero; window defaults to ``remove``).
+    anchor: 'first', 'middle' or 'last' FF of a window (Sec. 5.3).
+    windows: explicit windows (lists of FF indices in graph order) instead of a search.
+    """
+
+    remove: int = 1
+    window: int | None = None
+    calibration: Iterable | None = None
+    evaluate: Callable[[nn.Module], float] | None = None
+    select: str | None = None
+    align: str = "permute"
+    fuse: str = "mean"
+    anchor: str = "first"
+    mask: Callable[[Any], torch.Tensor] | None = None
+    windows: Sequence[Sequence[int]] | None = None
+    seed: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.window or (self.remove if self.fuse == "drop" else self.remove + 1)
+
+    @property
+    def selector(self) -> str:
+        return self.select or ("evaluate" if self.evaluate is not None else "bures")
+
+    def check(self) -> None:
+        """Raise ``InputError`` naming the bad option and the fix."""
+        _choice("align", self.align, ALIGNS)
+        _choice("fuse", self.fuse, FUSES)
+        _choice("anchor", self.anchor, ANCHORS)
+        _choice("select", self.selector, ("evaluate",) + MEASURES)
+        if self.selector == "evaluate" and self.evaluate is None:
+            raise InputError("Tie(select='evaluate') needs evaluate=callable(model) -> float (lower is better).")
+        removed_per_window = self.size if self.fuse == "drop" else self.size - 1
+        if self.windows is None and (self.remove < 1 or removed_per_window < 1 or self.remove % removed_per_window):
+            raise InputError(f"Tie(remove={self.remove}, window={self.window}): each window of {self.size} FFs "
+                             f"removes {removed_per_window}, which must divide remove ≥ 1. "
+                             "Fix: pick window so that window − 1 divides remove "
+                             "(window = remove + 1 for one group).")
+
+    @property
+    def groups(self) -> int:
+        return self.remove // (self.size if self.fuse == "drop" else self.size - 1)
+
+
+def run_tie(gm: fx.GraphModule, tie: Tie, example_inputs: tuple | None) -> list[Row]:
+    """Find, score, merge and tie FF sublayers of ``gm`` in place; return the report rows."""
+    from fxfuse.passes.tie_feedforward import find_feedforwards, group_feedforwards
+
+    tie.check()
+    ffs = find_feedforwards(gm)
+    rows: list[Row] = []
+    candidates = _candidate_windows(tie, ffs, group_feedforwards(ffs), rows)
+    if not candidates:
+        return rows
+    batches = _batches(tie, example_inputs)
+    stats, samples = collect_features(gm, ffs, batches, _pairs(tie, candidates), tie.mask)
+    plans = {w: plan_window(tie, ffs, w, stats) for w in candidates}
+    scores = {w: _score(gm, tie, ffs, w, plans[w]) for w in candidates}
+    chosen = _choose(tie, candidates, scores)
+    for w in candidates:
+        rows.append(Row(PASS_NAME, "scored", [ffs[i].name for i in w], score=scores[w],
+                        reason=f"window {list(w)} by {tie.selector}" + ("" if w in chosen else "; not chosen")))
+    for w in chosen:
+        problem = alignment_problem(gm, ffs, plans[w], samples)
+        if problem:
+            rows.append(Row(PASS_NAME, "skipped", [ffs[i].name for i in w], reason=problem))
+        else:
+            rows.append(apply_plan(gm, tie, [ffs[i] for i in w], plans[w], samples))
+    if len(chosen) < tie.groups:
+        rows.append(Row(PASS_NAME, "skipped", [], reason=f"only {len(chosen)} non-overlapping window(s) of {tie.size} "
+                                                          f"FFs fit, {tie.groups} asked for (remove={tie.remove})"))
+    return rows
+
+
+ALIGN_TOLERANCE = 1e-4  # a permuted FF must reproduce its own outputs (float32 round-off only)
+
+
+def alignment_problem(gm: fx.GraphModule, ffs, plan: Plan, samples: dict) -> str | None:
+    """Check, before averaging, that every permuted member still computes its own function on the
+    first calibration batch (it must: Sec. 3.2's invariance); the reason to skip if one does not."""
+    for i, weights in plan.aligned.items():
+        with torch.no_grad():
+            error = rel_error(build_shared(gm, ffs[i], weights)(samples[i][0]), samples[i][1])
+        if not error <= ALIGN_TOLERANCE:
+            return (f"{ffs[i].name} permuted differs from itself by {error:.1e} > {ALIGN_TOLERANCE:g}: something in it "
+                    "is not element-wise over hidden neurons, so the alignment would change its function")
+    return None
+
+
+def _candidate_windows(tie: Tie, ffs, groups: dict, rows: list[Row]) -> list[tuple[int, ...]]:
+    if tie.windows is not None:
+        for w in tie.windows:
+            if not w or any(not 0 <= i < len(ffs) for i in w) or len({ffs[i].signature for i in w}) != 1:
+                found = ", ".join(f"{i}: {ff.name}" for i, ff in enumerate(ffs)) or "none"
+                raise InputError(f"Tie(windows=...) window {list(w)} is not a set of structurally identical FFs. "
+                                 f"FFs found, in graph order: {found}. Fix: give indices of FFs of one shape.")
+        return [tuple(w) for w in tie.windows]
+    found = []
+    for members in groups.values():
+        if len(members) < tie.size:
+            for i in members:
+                rows.append(Row(PASS_NAME, "skipped", [ffs[i].name], reason=(
+                    f"{len(members)} structurally identical FF(s) here, fewer than the window of {tie.size}")))
+            continue
+        found += [tuple(members[s:s + tie.size]) for s in range(len(members) - tie.size + 1)]
+    if not ffs:
+        rows.append(Row(PASS_NAME, "skipped", [], reason="no feed-forward sublayer (Linear → act → Linear, SwiGLU, "
+                                                        "Conv1D) found in the graph"))
+    return found
+
+
+def anchor_of(tie: Tie, window: Sequence[int]) -> int:
+    return {"first": window[0], "middle": window[len(window) // 2], "last": window[-1]}[tie.anchor]
+
+
+def _pairs(tie: Tie, windows) -> dict[int, set]:
+    pairs: dict[int, set] = {}
+    if tie.align == "permute" and tie.fuse != "drop":
+        for w in windows:
+            a = anchor_of(tie, w)
+            pairs.setdefault(a, set()).update(i for i in w if i != a)
+    return pairs
+
+
+def _batches(tie: Tie, example_inputs) -> list[tuple]:
+    source = tie.calibration if tie.calibration is not None else ([example_inputs] if example_inputs else [])
+    batches = [as_input_tuple(b) for b in source]
+    if not batches:
+        raise InputError("Tie needs data for its features: "
+                         "pass Tie(calibration=batches) or example_inputs to optimize.")
+    return batches
+
+
+def _rows_of(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    rows = value.reshape(-1, value.shape[-1])
+    return rows if mask is None else rows[mask.reshape(-1).bool()]
+
+
+def collect_features(gm, ffs, batches, pairs: dict[int, set], mask=None):
+    """One pass over ``batches``: streaming float64 sums of every FF's hidden features (and the
+    cross sums the alignment needs), plus the first batch's FF inputs/outputs for error checks."""
+    stats = [FeatureStats() for _ in ffs]
+    samples = {}
+    wanted = {ff.hidden for ff in ffs}
+    for b, batch in enumerate(batches):
+        values = record(gm, batch, wanted | ({n for ff in ffs for n in (ff.x, ff.y)} if b == 0 else set()))
+        if b == 0:
+            samples = {i: (values[ff.x], values[ff.y]) for i, ff in enumerate(ffs)}
+        m = mask(batch) if mask is not None else None
+        feats = [_rows_of(values[ff.hidden], m) for ff in ffs]
+        for i, f in enumerate(feats):
+            stats[i].add(f)
+            for j in pairs.get(i, ()):
+                stats[i].add_cross(j, f, feats[j])
+    return stats, samples
+
+
+@dataclass
+class Plan:
+    """How one window is merged: its members aligned to the anchor, and the merged weights."""
+
+    window: tuple[int, ...]
+    aligned: dict[int, FFWeights]
+    merged: FFWeights | None  # None: dropped
+
+
+def plan_window(tie: Tie, ffs, window: Sequence[int], stats) -> Plan:
+    """Align every member to the anchor (Eqs. 1–2, or not for 'vanilla') and fuse them."""
+    if tie.fuse == "drop":
+        return Plan(tuple(window), {}, None)
+    a = anchor_of(tie, window)
+    aligned = {}
+    for i in window:
+        w = ffs[i].weights()
+        if i != a and tie.align == "permute":
+            w = permute(w, match_permutation(cross_correlation(stats[a], stats[i], stats[a].cross[i])))
+        aligned[i] = w
+    members = [aligned[i] for i in window]
+    if tie.fuse == "mean":
+        merged = average(members)
+    elif tie.fuse == "mix":
+        merged = mix(members, torch.Generator().manual_seed(tie.seed))
+    else:  # freeze: keep the member nearest the middle of the network (O'Neill et al.)
+        middle = (len(ffs) - 1) / 2
+        merged = aligned[min(window, key=lambda i: abs(i - middle))]
+    return Plan(tuple(window), aligned, merged)
+
+
+def build_shared(gm: fx.GraphModule, ff, weights: FFWeights) -> fx.GraphModule:
+    """A standalone copy of ``ff`` holding ``weights``."""
+    from fxfuse.passes.tie_feedforward import extract, find_in_extracted
+
+    module = extract(gm, ff)
+    find_in_extracted(module).load(weights)
+    return module
+
+
+def apply_plan(gm: fx.GraphModule, tie: Tie, members: list, plan: Plan, samples: dict) -> Row:
+    """Tie (or drop) the window's FFs in ``gm``. The row's parameters are the window's FF
+    parameters before and after (one shared FF, or none when dropped); its error is the largest
+    max-relative error of an FF output on the first calibration batch."""
+    before = count_params(gm)
+    names = [ff.name for ff in members]
+    if plan.merged is None:
+        error = max(rel_error(torch.zeros_like(samples[i][1]), samples[i][1]) for i in plan.window)
+    else:
+        shared = build_shared(gm, members[0], plan.merged)
+        with torch.no_grad():
+            error = max(rel_error(shared(samples[i][0]), samples[i][1]) for i in plan.window)
+    rewrite(gm, members, plan)
+    removed = before - count_params(gm)
+    window_params = sum(ff.numel for ff in members)
+    return Row(PASS_NAME, "applied", names, params_before=window_params, params_after=window_params - removed,
+               error=error,
+               exact=error == 0.0, reason=f"{tie.fuse} of {len(members)} FFs, align={tie.align}, anchor={tie.anchor}")
+
+
+def _score(gm, tie: Tie, ffs, window, plan: Plan) -> float:
+    if tie.selector != "evaluate":
+        a = anchor_of(tie, window) if tie.fuse != "drop" else window[0]
+        others = [i for i in window if i != a] or list(window)
+        return sum(distance(tie.selector, ffs[a].weights(), ffs[i].weights()) for i in others) / len(others)
+    from fxfuse.passes.tie_feedforward import find_feedforwards
+
+    trial = copy.deepcopy(gm)
+    trial_ffs = find_feedforwards(trial)
+    rewrite(trial, [trial_ffs[i] for i in window], plan)
+    with torch.no_grad():
+        return float(tie.evaluate(trial))
+
+
+def rewrite(gm: fx.GraphModule, members: list, plan: Plan) -> None:
+    """Tie the window's FFs to one shared module holding the merged weights (or drop them)."""
+    from fxfuse.passes.tie_feedforward import drop_sites, tie_sites
+
+    if plan.merged is None:
+        drop_sites(gm, members)
+    else:
+        tie_sites(gm, members, build_shared(gm, members[0], plan.merged))
+
+
+def _choose(tie: Tie, candidates, scores) -> list[tuple[int, ...]]:
+    """The best windows by score (lower is better), greedily, without overlap, ``tie.groups`` of them."""
+    if tie.windows is not None:
+        return list(candidates)
+    chosen, used = [], set()
+    for w in sorted(candidates, key=lambda w: scores[w]):
+        if len(chosen) < tie.groups and not used & set(w):
+            chosen.append(w)
+            used |= set(w)
+    return chosen
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise InputError(f"Tie({name}={value!r}) is not one of {', '.join(map(repr, allowed))}. Fix: use one of those.")
+
+
+def finetune(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, Any], torch.Tensor], steps: int,
+             lr: float = 1e-4, optimizer: torch.optim.Optimizer | None = None, progress: bool = True) -> list[float]:
+    """Recovery fine-tuning (Verma et al. Sec. 3.4): ``steps`` optimizer steps of ``loss_fn(model, batch)``
+    over ``batches`` (cycled), model in train mode, then back to eval. A tied tensor is one
+    Parameter used at several sites, so autograd gives it the sum of the sites' gradients.
+    Returns the losses."""
+    batches = list(batches)
+    if not batches or steps < 1:
+        raise InputError("finetune needs at least one batch and steps ≥ 1.")
+    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    bar = _progress(steps, progress)
+    for step, batch in zip(range(steps), itertools.cycle(batches)):
+        optimizer.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
+    model.eval()
+    return losses
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="fxfuse finetune", disable=not enabled, file=sys.stderr)
+
+
+def feedforward_cka(model: nn.Module, batches: Iterable,
+                    mask: Callable | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Linear CKA between the outputs of every pair of FF sublayers (Verma et al. Sec. 5.6), from
+    streaming float64 sums over ``batches``. Returns the L×L matrix and the FFs' names."""
+    from fxfuse.passes.tie_feedforward import find_feedforwards
+
+    gm = model if isinstance(model, fx.GraphModule) else capture(model)
+    ffs = find_feedforwards(gm)
+    n, sums, cross = 0, None, None
+    for batch in batches:
+        batch = as_input_tuple(batch)
+        values = record(gm, batch, {ff.y for ff in ffs})
+        m = mask(batch) if mask is not None else None
+        outs = [_rows_of(values[ff.y], m).double() for ff in ffs]
+        if sums is None:
+            sums, cross = [torch.zeros(o.shape[1], dtype=torch.float64) for o in outs], {}
+        n += outs[0].shape[0]
+        for i, o in enumerate(outs):
+            sums[i] += o.sum(0)
+            for j in range(i, len(outs)):
+                cross[i, j] = cross.get((i, j), 0) + o.T @ outs[j]
+    size = len(ffs)
+    matrix = torch.eye(size, dtype=torch.float64)
+    for i, j in itertools.combinations(range(size), 2):
+        matrix[i, j] = matrix[j, i] = linear_cka_from_sums(n, sums[i], sums[j], cross[i, i], cross[j, j], cross[i, j])
+    return matrix, [ff.name for ff in ffs]

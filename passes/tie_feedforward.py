@@ -1,0 +1,345 @@
+"""tie: find feed-forward sublayers in an FX graph by structure, and make several call one module.
+
+Detection (no module names are read): a *dense* node is an ``nn.Linear`` / ``F.linear`` on
+attributes (weight (out, in)) or ``torch.addmm(bias, x2d, weight)`` on attributes — the form GPT-2's
+``Conv1D`` traces to, weight stored (in, out) — or an untraced ``Conv1D`` module. An FF is a dense
+node ``down`` whose input, walked back through element-wise and shape-only nodes, reaches one dense
+node (Linear → φ → Linear, φ = GELU, GELU-tanh, ReLU, SiLU, single-slope PReLU, ...) or two dense
+nodes joined by a product (SwiGLU: φ(x·Wg) ⊙ (x·Wu) → Wd), every up projection reading the same
+input x. The FF is the region of nodes between x and its output y; it must be self-contained (no
+value inside is read outside), which is what makes replacing it by one module call valid.
+
+Structurally identical FFs (same op sequence, same shapes) share a Weisfeiler–Lehman hash
+(networkx) of their region graph; windows of adjacent FFs are drawn from one such group.
+
+Tying replaces every FF of a window by a call to one shared module: a standalone copy of the
+anchor's region holding the merged weights, registered once, so ``parameters()``, ``state_dict``
+and the ONNX initializers hold its tensors once.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxfuse.alignment import FFWeights
+from fxfuse.errors import PassError
+from fxfuse.graph import _erase_attr_node, _free_name, as_layer, fetch_attr, module_of, tidy
+
+ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout, nn.LeakyReLU,
+                       nn.ReLU6, nn.Mish, nn.ELU)
+ELEMENTWISE_FUNCTIONS = {F.gelu, F.relu, F.silu, F.mish, F.elu, F.leaky_relu, F.dropout, torch.tanh, torch.sigmoid,
+                         torch.relu, torch.pow, torch.mul, torch.add, operator.mul, operator.add, operator.truediv,
+                         operator.sub, torch.erf}
+ELEMENTWISE_METHODS = {"pow", "mul", "add", "tanh", "sigmoid", "relu", "__mul__", "__add__"}
+SHAPE_METHODS = {"size", "view", "reshape", "contiguous"}
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A linear map on attributes: ``weight`` stored (out, in), or (in, out) when ``transposed``."""
+
+    node: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    transposed: bool = False
+
+    def matrix(self) -> torch.Tensor:
+        """The weight in nn.Linear layout (out, in), float64."""
+        w = self.weight.detach().double()
+        return w.T if self.transposed else w
+
+    def load(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            self.weight.copy_((weight.T if self.transposed else weight).to(self.weight.dtype))
+            if self.bias is not None:
+                self.bias.copy_(bias.to(self.bias.dtype))
+
+
+@dataclass
+class FeedForward:
+    """One FF sublayer found in a graph: input ``x``, output ``y``, the nodes between, and roles."""
+
+    x: fx.Node
+    y: fx.Node
+    region: list[fx.Node]  # graph order, get_attr nodes included, y last
+    ups: list[Dense]  # [W1] or [two up projections of SwiGLU] in graph order
+    down: Dense
+    hidden: fx.Node  # the features for alignment: pre-activation (MLP) or the gated product (SwiGLU)
+    kind: str  # 'mlp' or 'swiglu'
+    signature: str = ""
+
+    def weights(self) -> FFWeights:
+        ups = [(d.matrix(), _double(d.bias)) for d in self.ups]
+        return FFWeights(ups, (self.down.matrix(), _double(self.down.bias)))
+
+    def load(self, ff: FFWeights) -> None:
+        for d, (w, b) in zip(self.ups, ff.ups):
+            d.load(w, b)
+        self.down.load(*ff.down)
+
+    @property
+    def numel(self) -> int:
+        """Parameters of its layers (weights and biases)."""
+        return sum(t.numel() for d in self.ups + [self.down] for t in (d.weight, d.bias) if t is not None)
+
+    @property
+    def name(self) -> str:
+        """The module path holding all its layers (``blocks.3.ff``, ``vit.encoder.layer.3``)."""
+        paths = [_origin(d.node).split(".") for d in self.ups + [self.down]]
+        prefix = []
+        for parts in zip(*paths):
+            if len(set(parts)) != 1:
+                break
+            prefix.append(parts[0])
+        return ".".join(prefix) or self.down.node.name
+
+
+def as_dense(gm: fx.GraphModule, node: fx.Node) -> Dense | None:
+    layer = as_layer(gm, node)
+    if layer is not None and not layer.is_conv:
+        return Dense(node, layer.weight, layer.bias)
+    mod = module_of(gm, node)
+    if mod is not None and type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and len(node.args) == 1:
+        return Dense(node, mod.weight, mod.bias, transposed=True)
+    if node.op == "call_function" and node.target is torch.addmm and len(node.args) == 3 and not node.kwargs:
+        bias, _, weight = node.args
+        if all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (bias, weight)):
+            return Dense(node, fetch_attr(gm, weight.target), fetch_attr(gm, bias.target), transposed=True)
+    return None
+
+
+def data_input(gm: fx.GraphModule, dense: Dense) -> fx.Node:
+    """The tensor a dense node transforms, looking through the flattening ``view`` of ``addmm``."""
+    arg = dense.node.args[1] if dense.node.target is torch.addmm else dense.node.args[0]
+    if arg.op == "call_method" and arg.target in ("view", "reshape"):
+        return arg.args[0]
+    return arg
+
+
+def dense_output(dense: Dense) -> fx.Node:
+    """The dense node's value in the input's shape (the un-flattening ``view`` after ``addmm``)."""
+    users = list(dense.node.users)
+    if dense.node.target is torch.addmm and len(users) == 1 and users[0].op == "call_method" \
+            and users[0].target in ("view", "reshape"):
+        return users[0]
+    return dense.node
+
+
+def find_feedforwards(gm: fx.GraphModule) -> list[FeedForward]:
+    """Every FF sublayer in graph order (see the module docstring for what counts as one)."""
+    found = []
+    for node in gm.graph.nodes:
+        down = as_dense(gm, node)
+        if down is not None:
+            ff = _feedforward_ending_at(gm, down)
+            if ff is not None:
+                found.append(ff)
+    return found
+
+
+def _feedforward_ending_at(gm: fx.GraphModule, down: Dense) -> FeedForward | None:
+    ups, stack, seen = [], [data_input(gm, down)], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        dense = as_dense(gm, node)
+        if dense is not None:
+            ups.append(dense)
+            continue
+        if not _elementwise(gm, node):
+            return None
+        if not (node.op == "call_method" and node.target == "size"):  # reads a shape, not values
+            stack += [a for a in node.all_input_nodes if a.op != "get_attr"]
+    if len(ups) not in (1, 2) or len({data_input(gm, d) for d in ups}) != 1:
+        return None
+    ups.sort(key=lambda d: _position(gm, d.node))
+    x, y = data_input(gm, ups[0]), dense_output(down)
+    region = _region(gm, x, y)
+    if region is None:
+        return None
+    hidden = dense_output(ups[0]) if len(ups) == 1 else _join(region, [dense_output(d) for d in ups])
+    if hidden is None:
+        return None
+    ff = FeedForward(x, y, region, ups, down, hidden, "mlp" if len(ups) == 1 else "swiglu")
+    ff.signature = structure_hash(gm, ff)
+    return ff
+
+
+def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An op that acts on each hidden feature alone (so it commutes with a neuron permutation)."""
+    mod = module_of(gm, node)
+    if mod is not None:
+        return isinstance(mod, ELEMENTWISE_MODULES) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1)
+    if node.op == "call_function":
+        return node.target in ELEMENTWISE_FUNCTIONS or node.target is operator.getitem
+    if node.op == "call_method":
+        return node.target in ELEMENTWISE_METHODS | SHAPE_METHODS
+    return False
+
+
+def _region(gm: fx.GraphModule, x: fx.Node, y: fx.Node) -> list[fx.Node] | None:
+    """Nodes on paths x → y (and the attributes they read), or None if a value inside leaks out."""
+    ancestors, stack = {y}, [y]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a is not x and a not in ancestors:
+                if a.op in ("placeholder", "output"):
+                    return None
+                ancestors.add(a)
+                stack.append(a)
+    for n in ancestors:
+        if n is not y and any(u not in ancestors for u in n.users):
+            return None
+        if n.op not in ("get_attr",) and not _reaches(n, x, ancestors):
+            return None
+    return [n for n in gm.graph.nodes if n in ancestors]
+
+
+def _reaches(node: fx.Node, x: fx.Node, region: set) -> bool:
+    """Whether ``node`` depends on x only through the region (no other outside input)."""
+    return all(a is x or a in region for a in node.all_input_nodes)
+
+
+def _join(region: list[fx.Node], branches: list[fx.Node]) -> fx.Node | None:
+    """The first node in the region that depends on every branch: SwiGLU's gated product."""
+    deps: dict[fx.Node, set] = {}
+    for n in region:
+        deps[n] = {b for b in branches if n is b} | set().union(*[deps.get(a, set()) for a in n.all_input_nodes])
+        if len(deps[n]) == len(branches):
+            return n
+    return None
+
+
+def structure_hash(gm: fx.GraphModule, ff: FeedForward) -> str:
+    """Weisfeiler–Lehman hash of the region graph labelled by op, callee kind, constants and shapes."""
+    graph = nx.DiGraph()
+    inside = set(ff.region)
+    for n in ff.region:
+        graph.add_node(n.name, label=_label(gm, n))
+        for a in n.all_input_nodes:
+            graph.add_edge(a.name if a in inside else "x", n.name)
+    graph.nodes["x"]["label"] = "input"
+    with warnings.catch_warnings():  # networkx 3.5 warns that digraph hashes changed; ours are compared in-run only
+        warnings.simplefilter("ignore", UserWarning)
+        return nx.weisfeiler_lehman_graph_hash(graph, node_attr="label", iterations=4)
+
+
+def _label(gm: fx.GraphModule, n: fx.Node) -> str:
+    if n.op == "get_attr":
+        return f"attr{tuple(fetch_attr(gm, n.target).shape)}"
+    if n.op == "call_module":
+        mod = gm.get_submodule(n.target)
+        shapes = [tuple(p.shape) for p in mod.parameters()]
+        return f"{type(mod).__name__}{shapes}{getattr(mod, 'approximate', '')}"
+    constants = [a for a in n.args if not isinstance(a, fx.Node)]
+    return f"{n.op}:{getattr(n.target, '__name__', n.target)}{constants}{sorted(n.kwargs.items(), key=str)}"
+
+
+def group_feedforwards(ffs: list[FeedForward]) -> dict[str, list[int]]:
+    """Indices of structurally identical FFs (same hash), in graph order."""
+    groups: dict[str, list[int]] = {}
+    for i, ff in enumerate(ffs):
+        groups.setdefault(ff.signature, []).append(i)
+    return groups
+
+
+def extract(gm: fx.GraphModule, ff: FeedForward) -> fx.GraphModule:
+    """A standalone GraphModule y = FF(x) with its own copies of the region's modules and tensors."""
+    root, graph, env = nn.Module(), fx.Graph(), {}
+    env[ff.x] = graph.placeholder("x")
+    for n in ff.region:
+        if n.op in ("get_attr", "call_module"):
+            name = n.target.replace(".", "_")
+            value = copy.deepcopy(fetch_attr(gm, n.target))
+            if isinstance(value, nn.Module):
+                root.add_module(name, value)
+            elif isinstance(value, nn.Parameter):
+                root.register_parameter(name, value)
+            else:
+                root.register_buffer(name, value)
+            env[n] = graph.create_node(n.op, name, (), {}) if n.op == "get_attr" else \
+                graph.call_module(name, fx.map_arg(n.args, env.__getitem__), fx.map_arg(n.kwargs, env.__getitem__))
+        else:
+            env[n] = graph.node_copy(n, env.__getitem__)
+    graph.output(env[ff.y])
+    return fx.GraphModule(root, graph, "SharedFeedForward")
+
+
+def find_in_extracted(module: fx.GraphModule) -> FeedForward:
+    """The FF of a module made by ``extract`` (its roles re-found by the same structural rules)."""
+    ffs = find_feedforwards(module)
+    if len(ffs) != 1:  # a bug: extract() copies exactly one FF's region
+        raise PassError(f"pass 'tie': an extracted FF region holds {len(ffs)} FFs, not 1:\n{module.code}")
+    return ffs[0]
+
+
+def tie_sites(gm: fx.GraphModule, ffs: list[FeedForward], shared: nn.Module, base: str = "tied_ff") -> str:
+    """Make every FF in ``ffs`` call ``shared`` (registered once, at a fresh name); return the name."""
+    name = _free_name(gm, base)
+    gm.add_submodule(name, shared)
+    for ff in ffs:
+        replace_region(gm, ff, name)
+    tidy(gm)
+    return name
+
+
+def replace_region(gm: fx.GraphModule, ff: FeedForward, target: str) -> fx.Node:
+    """Replace the FF's region by ``call_module(target, (x,))``; drop the tensors no longer read."""
+    with gm.graph.inserting_after(ff.y):
+        new = gm.graph.call_module(target, (ff.x,))
+    new.meta = {k: v for k, v in ff.y.meta.items() if k in ("tensor_meta", "val", "type")}
+    new.meta["fxfuse_origin"] = [ff.name]
+    ff.y.replace_all_uses_with(new)
+    for n in reversed(ff.region):
+        if n.op == "get_attr":
+            if not n.users:
+                _erase_attr_node(gm, n)
+        else:
+            gm.graph.erase_node(n)
+    return new
+
+
+class ZeroFeedForward(nn.Module):
+    """A dropped FF sublayer (layer-drop baseline): outputs zeros, so the residual passes x through."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def drop_sites(gm: fx.GraphModule, ffs: list[FeedForward]) -> None:
+    """Replace each FF in ``ffs`` by a ``ZeroFeedForward`` (Verma et al. Sec. 4.4 baseline, per FF)."""
+    for ff in ffs:
+        name = _free_name(gm, "dropped_ff")
+        gm.add_submodule(name, ZeroFeedForward(ff.down.matrix().shape[0]))
+        replace_region(gm, ff, name)
+    tidy(gm)
+
+
+def _position(gm: fx.GraphModule, node: fx.Node) -> int:
+    return next(i for i, n in enumerate(gm.graph.nodes) if n is node)
+
+
+def _origin(node: fx.Node) -> str:
+    """The module path of a dense node: its call_module target, or its weight attribute's owner."""
+    if node.op == "call_module":
+        return node.target
+    attrs = [a.target for a in node.all_input_nodes if a.op == "get_attr"]
+    return attrs[0].rpartition(".")[0] if attrs else node.name
+
+
+def _double(t):
+    return None if t is None else t.detach().double()
