@@ -25,6 +25,8 @@ class Row:
     exact: bool | None = None
     tolerance: float | None = None  # the error the rewrite was allowed
     reason: str = ""
+    bound_eq4: float | None = None  # approximate collapse: LayerCollapse Eq. 4–5's bound, relative like error
+    bound_proven: float | None = None  # ... a bound that holds for any hidden width (see collapse_error_bounds)
 
 
 @dataclass
@@ -57,6 +59,8 @@ class Report:
         lines = [head, "-" * len(head)]
         for r in self.rows:
             detail = ", ".join(r.where) + (f"  — {r.reason}" if r.reason else "")
+            if r.bound_eq4 is not None:
+                detail += f"  (bounds: Eq. 4–5 {_num(r.bound_eq4)}, proven {_num(r.bound_proven)})"
             lines.append(f"{r.pass_name:<16} {r.status:<11} {_arrow(r.params_before, r.params_after):>21} "
                          f"{_arrow(r.macs_before, r.macs_after):>25} {_num(r.error):>9}  {detail}")
         lines.append("-" * len(head))
