@@ -93,17 +93,19 @@ def collapse_param_groups(gm: fx.GraphModule, lc: float, pairs: Sequence[Collaps
 
 
 def max_slope_deviation(gm: fx.GraphModule, pairs: Sequence[CollapsePair] | None = None) -> float:
-    """max |1 − α| over the slopes: ``fxfuse.optimize(tau=...)`` collapses a pair when it is ≤ τ."""
-    return max((1 - a.detach()).abs().max().item() for a in slopes(gm, pairs))
+    """max |1 − α| over the slopes (0 for no pairs): ``fxfuse.optimize(tau=...)`` collapses a pair when it is ≤ τ."""
+    return max(((1 - a.detach()).abs().max().item() for a in slopes(gm, pairs)), default=0.0)
 
 
 def finetune_collapse(prepared: fx.GraphModule, teacher: nn.Module, batches: Iterable, *, epochs: int,
-                      lr: float = 1e-3, lc: float = 1.0, threshold: float = 1e-4, tau: float | None = None,
+                      lr: float = 5e-4, lc: float = 200.0, threshold: float = 1e-4, tau: float | None = None,
                       callback: Callable[[int, fx.GraphModule], dict | None] | None = None,
                       progress: bool = True) -> list[dict]:
     """Fine-tune ``prepared`` with Eq. 21 and AdamLC, one pair at a time from the last (App. D.2).
 
-    ``batches`` is re-iterated every epoch and yields (inputs, labels). The active pair's slope is
+    ``batches`` is re-iterated every epoch and yields (inputs, labels). lr = 5e-4 is App. D.2.2's;
+    lc = 200 pulls a slope by 2·lc·lr = 20 % of its distance to 1 per step (AdamLC's lc multiplies
+    lr, so it is not the paper's coupled-loss lc of 0.05–5). The active pair's slope is
     pulled (its group's lc) until lc·Σ(1 − α)² < ``threshold``; then the next pair, earlier in the
     graph, starts. Training stops after ``epochs``, or once every pair has passed and every slope
     is within ``tau`` of 1 (default √(threshold/lc), the deviation at which a pair passes).

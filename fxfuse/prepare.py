@@ -183,9 +183,10 @@ def collapse_pairs(gm: fx.GraphModule) -> list[CollapsePair]:
 
 
 def slopes(gm: fx.GraphModule, pairs: Sequence[CollapsePair] | None = None) -> list[nn.Parameter]:
-    """The PReLU slope tensors α of ``pairs`` (default: every prepared pair)."""
-    pairs = collapse_pairs(gm) if pairs is None else pairs
-    if not pairs:
-        raise InputError("the model has no prepared pairs: call fxfuse.prepare_collapse(model, ...) first "
-                         "and train the GraphModule it returns.")
+    """The PReLU slope tensors α of ``pairs`` (default: every prepared pair, at least one)."""
+    if pairs is None:
+        pairs = collapse_pairs(gm)
+        if not pairs:
+            raise InputError("the model has no prepared pairs: call fxfuse.prepare_collapse(model, ...) first "
+                             "and train the GraphModule it returns.")
     return [gm.get_submodule(p.slope).weight for p in pairs]
