@@ -22,9 +22,10 @@ from functools import partial
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from fxfuse.affine import affine_between, fold_into_weights, is_between_op, new_linear
-from fxfuse.graph import Layer, as_layer, find_chains, is_batchnorm, is_linear
+from fxfuse.graph import Layer, as_layer, find_chains, is_batchnorm, is_linear, module_of
 from fxfuse.pass_manager import Candidate, Options
 
 
@@ -81,8 +82,9 @@ class CollapseLinear:
                 w2 = second.weight.detach().double()
                 bias = w2 @ b1 + (0 if second.bias is None else second.bias.detach().double())
                 module = new_linear(w2 @ w1, bias, first.weight)
-                # the bounds are derived for Linear → PReLU → Linear: none when a BatchNorm sits between
-                plain = not any(is_batchnorm(gm, n) for n in chain.middle)
+                # the bounds are derived for Linear → one PReLU → Linear: none through BatchNorm or two PReLUs
+                plain = (not any(is_batchnorm(gm, n) for n in chain.middle)
+                         and sum(isinstance(module_of(gm, n), nn.PReLU) for n in chain.middle) <= 1)
                 bounds = partial(_bounds_on, first, second, affine.slope_deviation) if plain else None
                 found.append(Candidate(chain, module, exact=affine.exact,
                                        tolerance=options.tolerance if affine.exact else options.approx_tolerance,
