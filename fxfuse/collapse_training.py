@@ -117,6 +117,8 @@ def finetune_collapse(prepared: fx.GraphModule, teacher: nn.Module, batches: Ite
         raise InputError(f"finetune_collapse needs epochs ≥ 1, lc > 0, threshold > 0; got {epochs}, {lc}, {threshold}.")
     tau = math.sqrt(threshold / lc) if tau is None else tau
     pending = list(reversed(collapse_pairs(prepared)))  # last pair first
+    if not pending:
+        slopes(prepared)  # raises InputError: not prepared
     groups = collapse_param_groups(prepared, 0.0, pending)
     optimizer = AdamLC(groups, lr=lr)
     by_pair = {g["pair"]: g for g in groups if "pair" in g}

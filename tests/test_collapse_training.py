@@ -88,6 +88,10 @@ def test_bad_selections_and_models_name_cause_and_fix():
         fxfuse.prepare_collapse(nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 64)).eval())
     with pytest.raises(fxfuse.InputError, match="prepare_collapse"):
         fxfuse.slopes(torch.fx.symbolic_trace(model))
+    with pytest.raises(fxfuse.InputError, match="prepare_collapse"):
+        fxfuse.finetune_collapse(torch.fx.symbolic_trace(model), model, [], epochs=1)
+    with pytest.raises(fxfuse.InputError, match="lc"):
+        fxfuse.AdamLC([nn.Parameter(torch.zeros(1))], lc=-1.0)
 
 
 def test_per_channel_on_token_linears_is_skipped_with_its_reason():
@@ -158,7 +162,16 @@ def test_self_distillation_loss_is_half_ce_plus_half_kl_plus_reg():
 
 # --- schedule -----------------------------------------------------------------------------------
 
-def test_schedule_collapses_from_the_last_pair_and_optimize_collapses_every_pair():
+@pytest.fixture
+def one_thread():
+    """Many tiny steps: one thread avoids the spin-wait of two threads on busy cores (30 ms vs 500 ms a step)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_schedule_collapses_from_the_last_pair_and_optimize_collapses_every_pair(one_thread):
     torch.manual_seed(4)
     model = widening_mlp()
     x = torch.randn(256, 12)
@@ -206,3 +219,38 @@ def test_eq4_bound_fails_when_the_hidden_mask_is_not_one_scalar():
     assert row.error == pytest.approx(2 * (1 - alpha), rel=1e-2)  # x = 2: |ΔY| = |1 − α|·2, Y ≈ 1
     paper, proven = collapse_error_bounds(fc1.weight, None, fc2.weight, x_norm=2.0, deviation=1 - alpha)
     assert paper == 0 and proven == pytest.approx(4 * (1 - alpha), rel=1e-4)  # σ(W2)·σ(W1)·|x| = √2·√2·2
+
+
+class FunctionalBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 64), nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.fc2(F.leaky_relu(self.fc1(x), 0.2))
+
+
+def test_functional_activation_becomes_a_prelu_with_its_slope():
+    model, x = FunctionalBlock().eval(), torch.randn(4, 8)
+    prepared = fxfuse.prepare_collapse(model, x)
+    (pair,) = fxfuse.collapse_pairs(prepared)
+    assert pair.where == ("fc1", "leaky_relu", "fc2") and fxfuse.slopes(prepared)[0].item() == pytest.approx(0.2)
+    with torch.no_grad():
+        assert torch.allclose(prepared(x), model(x), atol=1e-6)
+
+
+def test_timm_mixer_pairs_are_found_from_the_last_block():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(6)
+    model = timm.models.mlp_mixer.MlpMixer(num_classes=10, img_size=16, patch_size=4, num_blocks=3, embed_dim=32).eval()
+    nn.init.normal_(model.head.weight)  # timm zero-initialises the head
+    x = torch.randn(2, 3, 16, 16)
+    prepared = fxfuse.prepare_collapse(model, x, which=1 / 3)
+    assert [p.where[0] for p in fxfuse.collapse_pairs(prepared)] == ["blocks.2.mlp_tokens.fc1", "blocks.2.mlp_channels.fc1"]
+    force_slopes(prepared)
+    with torch.no_grad():
+        expected = prepared(x)
+    gm = fxfuse.optimize(prepared, x)
+    assert len(applied(fxfuse.report_of(gm), "collapse")) == 2
+    with torch.no_grad():
+        assert max_rel_error(gm(x), expected) <= 1e-5
