@@ -7,8 +7,9 @@
 LayerCollapse training (make a GELU/ReLU model collapsible first):
 
     prepared = fxfuse.prepare_collapse(model, example_inputs, which=0.4)
-    fxfuse.finetune_collapse(prepared, model, batches, epochs=5, lc=50.0)
-    gm = fxfuse.optimize(prepared, example_inputs, tau=fxfuse.max_slope_deviation(prepared))
+    history = fxfuse.finetune_collapse(prepared, model, batches, epochs=10)   # model: the teacher
+    passed = [p for p in fxfuse.collapse_pairs(prepared) if p.slope in history[-1]["done"]]
+    gm = fxfuse.optimize(prepared, example_inputs, tau=fxfuse.max_slope_deviation(prepared, passed))
 """
 from .errors import (ExportError, FxfuseError, InputError, PassError, TraceError, UnsupportedModelError,
                      VerificationError)

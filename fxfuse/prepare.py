@@ -109,15 +109,19 @@ def _candidates(gm: fx.GraphModule) -> tuple[list[tuple[Chain, fx.Node, float]],
 
 
 def _select(gm: fx.GraphModule, pairs: list, which) -> list:
-    """``which``: 'all', a fraction in (0, 1] of the pairs counted from the end, or module names."""
+    """``which``: 'all', a fraction in (0, 1] of the pairs counted from the end, or module names.
+
+    A name picks the pair that its first layer, activation or dropout belongs to (a layer that ends
+    one pair and starts the next picks the next).
+    """
     if which == "all":
         return pairs
     if isinstance(which, (int, float)) and not isinstance(which, bool):
         if not 0 < which <= 1:
             raise InputError(f"which={which!r}: a fraction must lie in (0, 1], e.g. 0.4 for the last 40 % of pairs.")
-        return pairs[len(pairs) - math.ceil(which * len(pairs)):]
+        return pairs[len(pairs) - math.ceil(round(which * len(pairs), 9)):]  # round: 1/3·6 may be 2.0000000001
     if isinstance(which, (list, tuple, set)) and all(isinstance(w, str) for w in which):
-        named = {w: p for p in pairs for n in p[0].nodes for w in where(gm, n)}
+        named = {w: p for p in pairs for n in p[0].nodes[:-1] for w in where(gm, n)}
         unknown = [w for w in which if w not in named]
         if unknown:
             raise InputError(f"which names {unknown}, which belong to no collapsible pair. Name a layer or "
@@ -148,6 +152,11 @@ def _new_prelu(gm: fx.GraphModule, chain: Chain, act: fx.Node, per_channel: bool
 def prepare_collapse(model: nn.Module, example_inputs: Any = None, *, which: str | float | Sequence[str] = "all",
                      per_channel: bool = False, leaf_modules=(), concrete_args: dict | None = None) -> fx.GraphModule:
     """A new GraphModule computing ``model`` with the chosen pairs' activations swapped for PReLUs.
+
+    ``which``: ``"all"`` collapsible pairs, a fraction of them counted from the end (0.4, as the
+    paper), or module names (a pair's first layer or activation). ``per_channel``: one slope per
+    hidden channel instead of one per pair. ``example_inputs`` are optional (they prove a Linear
+    output's rank for ``per_channel``).
 
     ``model`` (in eval mode) is not changed. GELU becomes ReLU first, so a GELU model's function
     changes slightly; ReLU, LeakyReLU and PReLU are kept exactly. The pairs are in
