@@ -21,6 +21,7 @@ import copy
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -189,7 +190,7 @@ def markdown(result: dict) -> str:
     runs = result["runs"]
     base = runs[0]["rows"][0]
     lines = [f"`{result['command']}` — torch {result['torch']}, scikit-learn {result['sklearn']}, "
-             f"{result['cpus']} CPU cores ({result['torch_threads']} torch thread), "
+             f"{result['cpus']} CPU cores ({result['torch_threads']} torch thread), commit {result['commit']}, "
              f"{sum(r['seconds']['total'] for r in runs):.0f} s; digits, test sets of {runs[0]['train']['n_test']} "
              f"images (one image = {100 / runs[0]['train']['n_test']:.2f} points), seeds {result['args']['seeds']}",
              "", "| model | params | MACs | test acc. (%), mean | per seed | epochs per seed |",
@@ -213,6 +214,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _commit() -> str:
+    """The git commit the figures come from (``+dirty`` with uncommitted changes), or 'unknown'."""
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
+    return (head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="mixer")
@@ -234,7 +243,7 @@ def main() -> None:
     result = {"runs": [run(args, seed) for seed in args.seeds]}
     result.update(command="python " + " ".join(sys.argv), args=vars(args), torch=torch.__version__,
                   sklearn=sklearn.__version__, python=platform.python_version(), machine=platform.machine(),
-                  cpus=os.cpu_count(), torch_threads=torch.get_num_threads())
+                  cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), commit=_commit())
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=2)
