@@ -11,9 +11,10 @@
 
 Where AdamLC stops: the Adam step moves a slope by about lr·m̂/√v̂ against the pull 2·lc·lr·(α − 1),
 so while the loss keeps pushing back a slope settles near |1 − α| ≈ (m̂/√v̂)/(2·lc), independent
-of lr. A slope that passed the schedule's test is within √(threshold/lc) of 1; collapse it with
-``fxfuse.optimize(..., tau=max_slope_deviation(gm))``, which measures the error of the
-approximate collapse and reports it beside the bounds of Eq. 4–5.
+of lr. A slope that passed the schedule's test is within √(threshold/lc) of 1; collapse the pairs
+that passed with ``fxfuse.optimize(..., tau=max_slope_deviation(gm, passed))``, which measures the
+error of each approximate collapse and reports it beside the bounds of Eq. 4–5. With
+2·lc·lr ≥ 1 the pull overshoots 1 (and diverges from 2·lc·lr > 2 on), so the schedule refuses it.
 """
 from __future__ import annotations
 
@@ -115,6 +116,9 @@ def finetune_collapse(prepared: fx.GraphModule, teacher: nn.Module, batches: Ite
     """
     if epochs < 1 or lc <= 0 or threshold <= 0:
         raise InputError(f"finetune_collapse needs epochs ≥ 1, lc > 0, threshold > 0; got {epochs}, {lc}, {threshold}.")
+    if 2 * lc * lr >= 1:
+        raise InputError(f"2·lc·lr = {2 * lc * lr:g} ≥ 1: AdamLC's pull would overshoot α = 1 every step. "
+                         "Lower lc or lr (the default lc = 200 with lr = 5e-4 gives 0.2).")
     tau = math.sqrt(threshold / lc) if tau is None else tau
     pending = list(reversed(collapse_pairs(prepared)))  # last pair first
     if not pending:

@@ -92,6 +92,8 @@ def test_bad_selections_and_models_name_cause_and_fix():
         fxfuse.finetune_collapse(torch.fx.symbolic_trace(model), model, [], epochs=1)
     with pytest.raises(fxfuse.InputError, match="lc"):
         fxfuse.AdamLC([nn.Parameter(torch.zeros(1))], lc=-1.0)
+    with pytest.raises(fxfuse.InputError, match="overshoot"):
+        fxfuse.finetune_collapse(fxfuse.prepare_collapse(model), model, [], epochs=1, lr=0.01, lc=50)
 
 
 def test_per_channel_on_token_linears_is_skipped_with_its_reason():
