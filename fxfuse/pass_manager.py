@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.fx as fx
@@ -43,6 +43,8 @@ class Candidate:
     reason: str = ""
     exact: bool = True
     tolerance: float = 1e-5
+    # approximate rewrites: recorded input -> per-sample L2 bounds (Eq. 4–5, proven) on the error
+    bounds: Callable[[torch.Tensor], tuple[float, float]] | None = None
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -80,8 +82,9 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
         for c in todo:
             if values:
                 c.tolerance = max(c.tolerance, precision_floor(values[c.chain.input].dtype))
-            error = _chain_error(gm, c, values[c.chain.input]) if values else None
+            error, bounds = _chain_error(gm, c, values[c.chain.input]) if values else (None, (None, None))
             row = _row(gm, p.name, c, error)
+            row.bound_eq4, row.bound_proven = bounds
             if error is not None and not error <= c.tolerance:
                 row.status, row.reason = "rejected", f"error {error:.2e} > tolerance {c.tolerance:g}"
                 rejected.add(c.key)
@@ -173,8 +176,9 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple):
         return ShapeProp(gm).propagate(*inputs)
 
 
-def _chain_error(gm: fx.GraphModule, c: Candidate, x: torch.Tensor) -> float:
-    """Relative error of the replacement against the original chain on the recorded input."""
+def _chain_error(gm: fx.GraphModule, c: Candidate, x: torch.Tensor) -> tuple[float, tuple]:
+    """Relative error of the replacement against the original chain on the recorded input, and the
+    candidate's error bounds (absolute per sample) divided by the same scale, max |reference|."""
     interp = fx.Interpreter(gm)
     interp.env[c.chain.input] = x
     with full_precision():
@@ -183,7 +187,10 @@ def _chain_error(gm: fx.GraphModule, c: Candidate, x: torch.Tensor) -> float:
                 if arg not in interp.env:  # get_attr nodes feeding F.linear
                     interp.env[arg] = interp.run_node(arg)
             interp.env[node] = interp.run_node(node)
-        return rel_error(c.replacement(x), interp.env[c.chain.nodes[-1]])
+        ref = interp.env[c.chain.nodes[-1]]
+        scale = max(ref.detach().double().abs().max().item(), 1e-30)
+        bounds = (None, None) if c.bounds is None else tuple(b / scale for b in c.bounds(x))
+        return rel_error(c.replacement(x), ref), bounds
 
 
 def _row(gm, pass_name: str, c: Candidate, error: float | None) -> Row:

@@ -30,6 +30,8 @@ class Row:
     tolerance: float | None = None  # the error the rewrite was allowed
     reason: str = ""
     score: float | None = None  # tie: a window's selection score (lower is better)
+    bound_eq4: float | None = None  # approximate collapse: LayerCollapse Eq. 4–5's bound, relative like error
+    bound_proven: float | None = None  # ... a bound that holds for any hidden width (see collapse_error_bounds)
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Report:
         for r in self.rows:
             detail = ", ".join(r.where) + (f"  — {r.reason}" if r.reason else "")
             detail += "" if r.score is None else f" (score {r.score:.4g})"
+            if r.bound_eq4 is not None:
+                detail += f"  (bounds: Eq. 4–5 {_num(r.bound_eq4)}, proven {_num(r.bound_proven)})"
             lines.append(f"{r.pass_name:<16} {r.status:<11} {_arrow(r.params_before, r.params_after):>21} "
                          f"{_arrow(r.macs_before, r.macs_after):>25} {_num(r.error):>9}  {detail}")
         lines.append("-" * len(head))

@@ -13,21 +13,50 @@ Applied only where the compression gain (Eq. 7) is positive, unless ``force``:
 
 Exact when every PReLU slope is exactly 1 and any BatchNorm acts on the hidden features (see
 ``fxfuse.affine.batchnorm_problem``). With slopes within τ of 1 the collapse is approximate: it
-needs example inputs, and its measured error is reported (LayerCollapse Eq. 4 bounds it by
-C·(1 − α)²).
+needs example inputs, and its measured error is reported beside two bounds on it (see
+``collapse_error_bounds``): the paper's Eq. 4–5 and one that is proven for any hidden width.
 """
 from __future__ import annotations
 
+from functools import partial
+
+import torch
 import torch.fx as fx
+from torch import nn
 
 from fxfuse.affine import affine_between, fold_into_weights, is_between_op, new_linear
-from fxfuse.graph import as_layer, find_chains, is_linear
+from fxfuse.graph import Layer, as_layer, find_chains, is_batchnorm, is_linear, module_of
 from fxfuse.pass_manager import Candidate, Options
 
 
 def collapse_gain(n_in: int, n_hidden: int, n_out: int) -> float:
     """LayerCollapse Eq. 7: the fraction of weights saved by replacing W2·W1 with their product."""
     return 1 - n_in * n_out / (n_hidden * (n_in + n_out))
+
+
+def collapse_error_bounds(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, x_norm: float,
+                          deviation: float) -> tuple[float, float]:
+    """Bounds on |Y_linear − Y_α| (L2, per sample) for Y = W2·PReLU_α(W1·x + b1) + b2, |x| ≤ x_norm.
+
+    With Δ = max|1 − α| over the slopes and z = W1·x + b1:
+
+    - LayerCollapse Eq. 4–5: |ΔY|² ≤ C·Δ², C = σ_max(W2·W1)²·|x^δ|² + |W2·b1|².
+      Its proof (App. A) treats the indicator I of Eq. 12 as one scalar; with a hidden layer wider
+      than one unit, I is a diagonal mask D and ΔY = (1 − α)·W2·D·z, whose norm can exceed
+      σ_max(W2·W1)·|x| (W2·W1 may even be 0 while W2·D·W1 is not). So it is not a bound in general.
+    - proven: |ΔY| = |W2·diag(1 − α)·D·z| ≤ Δ·σ_max(W2)·|z| ≤ Δ·σ_max(W2)·(σ_max(W1)·|x| + |b1|).
+    """
+    w1, w2 = w1.detach().double(), w2.detach().double()
+    b1 = torch.zeros(w1.shape[0], dtype=torch.float64) if b1 is None else b1.detach().double()
+    sigma = lambda m: torch.linalg.matrix_norm(m, ord=2).item()  # noqa: E731  largest singular value
+    c = sigma(w2 @ w1) ** 2 * x_norm ** 2 + (w2 @ b1).norm().item() ** 2
+    return c ** 0.5 * deviation, deviation * sigma(w2) * (sigma(w1) * x_norm + b1.norm().item())
+
+
+def _bounds_on(first: Layer, second: Layer, deviation: float, x: torch.Tensor) -> tuple[float, float]:
+    """``collapse_error_bounds`` with |x^δ| the largest input norm among the recorded samples (δ → 0)."""
+    x_norm = x.detach().double().reshape(-1, first.weight.shape[1]).norm(dim=1).max().item()
+    return collapse_error_bounds(first.weight, first.bias, second.weight, x_norm, deviation)
 
 
 class CollapseLinear:
@@ -53,6 +82,11 @@ class CollapseLinear:
                 w2 = second.weight.detach().double()
                 bias = w2 @ b1 + (0 if second.bias is None else second.bias.detach().double())
                 module = new_linear(w2 @ w1, bias, first.weight)
+                # the bounds are derived for Linear → one PReLU → Linear: none through BatchNorm or two PReLUs
+                plain = (not any(is_batchnorm(gm, n) for n in chain.middle)
+                         and sum(isinstance(module_of(gm, n), nn.PReLU) for n in chain.middle) <= 1)
+                bounds = partial(_bounds_on, first, second, affine.slope_deviation) if plain else None
                 found.append(Candidate(chain, module, exact=affine.exact,
-                                       tolerance=options.tolerance if affine.exact else options.approx_tolerance))
+                                       tolerance=options.tolerance if affine.exact else options.approx_tolerance,
+                                       bounds=None if affine.exact else bounds))
         return found

@@ -1,0 +1,201 @@
+"""prepare_collapse: make Linear → act → Linear (and Conv → act → Conv) pairs collapsible.
+
+LayerCollapse (Sec. 3, 4.2) fine-tunes a trained model after swapping the activation between two
+layers for a PReLU, PReLU_α(x) = max(0, x) + α·min(0, x) (Eq. 1), and pulling α to 1 (Eq. 9).
+The PReLU starts as the function it replaces where it can:
+
+- ReLU ≙ α = 0, LeakyReLU(s) ≙ α = s, an existing PReLU keeps its slopes;
+- GELU is first replaced by ReLU (Sec. 4.2: "minimal effect on performance"), so α = 0.
+
+Pairs are the chains ``Linear → [BatchNorm | Dropout | Identity]* → act → [...]* → Linear`` (and
+the conv ones) whose hidden values have no other user, and only those where the collapse would
+pay: Eq. 7, Gain = 1 − n_in·n_out / (n_h·(n_in + n_out)) > 0, and the corrected Eq. 8 for convs
+(``fxfuse.passes.compose_conv``). Of those, ``which`` picks all, the last fraction (the paper
+regularises 40 % of the layers, from the end, App. C/D.4), or the named ones.
+
+The inserted PReLU nodes carry their role in ``node.meta`` (``collapse_pairs`` finds them from
+the graph), so training code never needs parameter names.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .affine import ChannelAffine, is_between_op
+from .capture import as_input_tuple, capture, check_inputs
+from .errors import InputError, UnsupportedModelError
+from .graph import Chain, as_layer, find_chains, is_layer, module_of, replace_chain, tidy, where
+from .pass_manager import propagate_shapes
+
+ROLE_KEY = "fxfuse_collapse_pair"
+SKIPPED_KEY = "fxfuse_prepare_skipped"
+RELU_FUNCTIONS = {F.relu, torch.relu, F.gelu}
+
+
+@dataclass(frozen=True)
+class CollapsePair:
+    """A prepared pair: the PReLU inserted between two layers, and what collapsing them saves."""
+
+    slope: str  # module path of the inserted PReLU in the prepared GraphModule
+    where: tuple[str, ...]  # module paths of the chain in the user's model
+    gain: float  # Eq. 7 (Linear) or the corrected Eq. 8 (Conv)
+
+
+def initial_slope(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | float | None:
+    """The PReLU slope that stands for ``node``'s activation (ReLU/GELU 0, LeakyReLU s), or None."""
+    mod = module_of(gm, node)
+    if isinstance(mod, nn.PReLU):
+        return mod.weight.detach().clone()
+    if isinstance(mod, (nn.ReLU, nn.GELU)):
+        return 0.0
+    if isinstance(mod, nn.LeakyReLU):
+        return float(mod.negative_slope)
+    if node.op == "call_function" and node.target in RELU_FUNCTIONS:
+        return 0.0
+    if node.op == "call_function" and node.target is F.leaky_relu:
+        return float(node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01))
+    return None
+
+
+def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return bool(node.args) and isinstance(node.args[0], fx.Node) and initial_slope(gm, node) is not None
+
+
+def _is_middle(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return is_between_op(gm, node) or is_activation(gm, node)
+
+
+def pair_gain(gm: fx.GraphModule, chain: Chain) -> float | str:
+    """Eq. 7 for Linear pairs, the corrected Eq. 8 for Conv pairs, or why the pair cannot collapse."""
+    from fxfuse.passes.collapse_linear import collapse_gain
+    from fxfuse.passes.compose_conv import compose_convs, compose_gain, composition_problem
+
+    first, second = as_layer(gm, chain.nodes[0]), as_layer(gm, chain.nodes[-1])
+    if first.is_conv != second.is_conv:
+        return "a Linear and a Conv: no single layer computes their composition"
+    if not first.is_conv:
+        (n_hidden, n_in), n_out = first.weight.shape, second.weight.shape[0]
+        return collapse_gain(n_in, n_hidden, n_out)
+    problem = composition_problem(first.conv, second.conv)
+    if problem:
+        return problem
+    composed = compose_convs(first, second, ChannelAffine.identity(first.out_channels, first.weight.device))
+    return compose_gain(first.weight, second.weight, composed.weight)
+
+
+def _candidates(gm: fx.GraphModule) -> tuple[list[tuple[Chain, fx.Node, float]], list[tuple[list[str], str]]]:
+    """(chain, activation node, gain) for every collapsible pair, and the (where, reason) of the others."""
+    pairs, skipped = [], []
+    for chain, reason in find_chains(gm, is_layer, _is_middle, is_layer):
+        names = [w for n in chain.nodes for w in where(gm, n)]
+        acts = [n for n in chain.middle if is_activation(gm, n)]
+        if reason or len(acts) > 1:
+            skipped.append((names, reason or f"{len(acts)} activations between the layers"))
+            continue
+        if not acts:
+            continue  # already linear: fxfuse.optimize collapses it as it stands
+        gain = pair_gain(gm, chain)
+        if isinstance(gain, str) or gain <= 0:
+            skipped.append((names, gain if isinstance(gain, str) else f"compression gain {gain:.2f} ≤ 0"))
+        else:
+            pairs.append((chain, acts[0], gain))
+    return pairs, skipped
+
+
+def _select(gm: fx.GraphModule, pairs: list, which) -> list:
+    """``which``: 'all', a fraction in (0, 1] of the pairs counted from the end, or module names.
+
+    A name picks the pair that its first layer, activation or dropout belongs to (a layer that ends
+    one pair and starts the next picks the next).
+    """
+    if which == "all":
+        return pairs
+    if isinstance(which, (int, float)) and not isinstance(which, bool):
+        if not 0 < which <= 1:
+            raise InputError(f"which={which!r}: a fraction must lie in (0, 1], e.g. 0.4 for the last 40 % of pairs.")
+        return pairs[len(pairs) - math.ceil(round(which * len(pairs), 9)):]  # round: 1/3·6 may be 2.0000000001
+    if isinstance(which, (list, tuple, set)) and all(isinstance(w, str) for w in which):
+        named = {w: p for p in pairs for n in p[0].nodes[:-1] for w in where(gm, n)}
+        unknown = [w for w in which if w not in named]
+        if unknown:
+            raise InputError(f"which names {unknown}, which belong to no collapsible pair. Name a layer or "
+                             f"activation of one of: {[' → '.join(where(gm, n)[0] for n in p[0].nodes) for p in pairs]}.")
+        chosen = {id(named[w]) for w in which}
+        return [p for p in pairs if id(p) in chosen]
+    raise InputError(f"which={which!r}: pass 'all', a fraction such as 0.4, or a list of module names.")
+
+
+def _new_prelu(gm: fx.GraphModule, chain: Chain, act: fx.Node, per_channel: bool) -> nn.PReLU | str:
+    """The PReLU for ``act``: one slope, or one per hidden channel (PReLU's channel axis is 1)."""
+    first = as_layer(gm, chain.nodes[0])
+    channels = first.out_channels if per_channel else 1
+    if per_channel and not first.is_conv:
+        meta = act.meta.get("tensor_meta")
+        if meta is None or len(meta.shape) != 2:
+            return ("one slope per channel needs a rank-2 Linear output (PReLU's channel axis is 1): "
+                    "pass example_inputs to prove the rank, or per_channel=False")
+    init = initial_slope(gm, act)
+    if isinstance(init, torch.Tensor) and init.numel() not in (1, channels):
+        return f"the existing PReLU has {init.numel()} slopes, the pair {channels} channels"
+    prelu = nn.PReLU(channels).to(device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.as_tensor(init, dtype=prelu.weight.dtype).expand(channels))
+    return prelu
+
+
+def prepare_collapse(model: nn.Module, example_inputs: Any = None, *, which: str | float | Sequence[str] = "all",
+                     per_channel: bool = False, leaf_modules=(), concrete_args: dict | None = None) -> fx.GraphModule:
+    """A new GraphModule computing ``model`` with the chosen pairs' activations swapped for PReLUs.
+
+    ``which``: ``"all"`` collapsible pairs, a fraction of them counted from the end (0.4, as the
+    paper), or module names (a pair's first layer or activation). ``per_channel``: one slope per
+    hidden channel instead of one per pair. ``example_inputs`` are optional (they prove a Linear
+    output's rank for ``per_channel``).
+
+    ``model`` (in eval mode) is not changed. GELU becomes ReLU first, so a GELU model's function
+    changes slightly; ReLU, LeakyReLU and PReLU are kept exactly. The pairs are in
+    ``collapse_pairs(gm)``, the ones left alone with their reasons in ``gm.meta['fxfuse_prepare_skipped']``.
+    """
+    inputs = as_input_tuple(example_inputs)
+    gm = capture(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    if inputs is not None:
+        check_inputs(gm, inputs)
+        propagate_shapes(gm, inputs)
+    pairs, skipped = _candidates(gm)
+    if not pairs:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no Linear → activation → Linear (or Conv → act → Conv) pair that "
+            f"would pay to collapse. Left alone: {skipped or 'none found'}. Fix: collapsible pairs widen "
+            "(n_hidden > n_in·n_out/(n_in + n_out)) and their hidden values have no other user.")
+    for chain, act, gain in _select(gm, pairs, which):
+        names = tuple(w for n in chain.nodes for w in where(gm, n))
+        prelu = _new_prelu(gm, chain, act, per_channel)
+        if isinstance(prelu, str):
+            skipped.append((list(names), prelu))
+            continue
+        node = replace_chain(gm, Chain([act]), prelu, "prelu")
+        node.meta[ROLE_KEY] = CollapsePair(node.target, names, gain)
+    tidy(gm)
+    gm.meta[SKIPPED_KEY] = skipped
+    return gm
+
+
+def collapse_pairs(gm: fx.GraphModule) -> list[CollapsePair]:
+    """The pairs ``prepare_collapse`` prepared, in graph order, found by their role in the graph."""
+    return [n.meta[ROLE_KEY] for n in gm.graph.nodes if ROLE_KEY in n.meta]
+
+
+def slopes(gm: fx.GraphModule, pairs: Sequence[CollapsePair] | None = None) -> list[nn.Parameter]:
+    """The PReLU slope tensors α of ``pairs`` (default: every prepared pair, at least one)."""
+    if pairs is None:
+        pairs = collapse_pairs(gm)
+        if not pairs:
+            raise InputError("the model has no prepared pairs: call fxfuse.prepare_collapse(model, ...) first "
+                             "and train the GraphModule it returns.")
+    return [gm.get_submodule(p.slope).weight for p in pairs]
