@@ -81,8 +81,7 @@ class FeatureStats:
     def add(self, a: torch.Tensor) -> None:
         a = a.double()
         if self.sum is None:
-            self.sum = torch.zeros(a.shape[1], dtype=torch.float64)
-            self.sum_sq = torch.zeros(a.shape[1], dtype=torch.float64)
+            self.sum, self.sum_sq = a.new_zeros(a.shape[1]), a.new_zeros(a.shape[1])
         self.n += a.shape[0]
         self.sum += a.sum(0)
         self.sum_sq += (a * a).sum(0)

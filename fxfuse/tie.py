@@ -360,7 +360,7 @@ def feedforward_cka(model: nn.Module, batches: Iterable,
         m = mask(batch) if mask is not None else None
         outs = [_rows_of(values[ff.y], m).double() for ff in ffs]
         if sums is None:
-            sums, cross = [torch.zeros(o.shape[1], dtype=torch.float64) for o in outs], {}
+            sums, cross = [o.new_zeros(o.shape[1]) for o in outs], {}
         n += outs[0].shape[0]
         for i, o in enumerate(outs):
             sums[i] += o.sum(0)

@@ -47,7 +47,7 @@ def collapse_error_bounds(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.T
     - proven: |ΔY| = |W2·diag(1 − α)·D·z| ≤ Δ·σ_max(W2)·|z| ≤ Δ·σ_max(W2)·(σ_max(W1)·|x| + |b1|).
     """
     w1, w2 = w1.detach().double(), w2.detach().double()
-    b1 = torch.zeros(w1.shape[0], dtype=torch.float64) if b1 is None else b1.detach().double()
+    b1 = w1.new_zeros(w1.shape[0]) if b1 is None else b1.detach().double()
     sigma = lambda m: torch.linalg.matrix_norm(m, ord=2).item()  # noqa: E731  largest singular value
     c = sigma(w2 @ w1) ** 2 * x_norm ** 2 + (w2 @ b1).norm().item() ** 2
     return c ** 0.5 * deviation, deviation * sigma(w2) * (sigma(w1) * x_norm + b1.norm().item())
