@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -42,11 +43,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="benchmarks/results/fuzz.json")
     args = parser.parse_args()
-    step = 250
+    step = 100
     chunks = [range(s, min(s + step, args.start + args.graphs)) for s in range(args.start, args.start + args.graphs, step)]
     start = time.perf_counter()
-    with ProcessPoolExecutor(args.workers) as pool:
-        parts = list(pool.map(run_chunk, chunks))
+    parts = []
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for part in pool.map(run_chunk, chunks):
+            parts.append(part)
+            done = sum(p["graphs"] for p in parts)
+            print(f"{done} graphs, {sum(len(p['failures']) for p in parts)} failures, "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
     total = {k: sum(p[k] for p in parts) for k in ("graphs", "applied", "skipped")}
     failures = [f for p in parts for f in p["failures"]]
     result = {"command": "python " + " ".join(sys.argv), "seeds": [args.start, args.start + args.graphs],

@@ -42,6 +42,8 @@ class Report:
     macs_before: int | None = None
     macs_after: int | None = None
     error: float | None = None  # end-to-end, original vs optimized, on the example inputs
+    error_vs_float64: float | None = None  # set when `error` exceeded the tolerances: optimized vs float64 original
+    original_vs_float64: float | None = None  # ... and the original's own distance from its float64 self
     seconds: float = 0.0
     tie_error: float | None = None  # end-to-end after the (approximate, opt-in) tie step
 
@@ -79,6 +81,9 @@ class Report:
         lines.append(f"{'model':<16} {len(self.applied):>3} applied {_arrow(self.params_before, self.params_after):>21} "
                      f"{_arrow(self.macs_before, self.macs_after):>25} {_num(self.error):>9}  "
                      f"{len(self.skipped)} skipped, {self.seconds:.2f} s")
+        if self.error_vs_float64 is not None:
+            lines.append(f"against the float64 original: optimized {self.error_vs_float64:.2e}, "
+                         f"original {self.original_vs_float64:.2e} (float32 rounding amplified downstream)")
         if self.tie_error is not None:
             lines.append(f"after tie: end-to-end max relative error {self.tie_error:.2e} (approximate, opt-in)")
         return "\n".join(lines)

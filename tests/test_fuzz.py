@@ -22,3 +22,12 @@ def test_generator_covers_what_the_passes_match():
         kinds |= {type(m).__name__ for m in model.modules()} | {step[0] for step in model.steps}
     assert {"Linear", "PReLU", "BatchNorm1d", "BatchNorm2d", "Conv1d", "Conv2d", "Dropout", "Identity", "LayerNorm",
             "flinear", "add", "attention", "flatten", "fold", "fdropout"} <= kinds
+
+
+@pytest.mark.parametrize("seed", [1756, 11831, 12588, 19894])
+def test_seeds_whose_float32_rounding_is_amplified_downstream(seed):
+    """Found by the 20,000-graph run: exact rewrites (local errors ~1e-7) whose end-to-end difference
+    reached 1e-5–4e-5 because ops after them (batch-statistics BatchNorm, LayerNorm, attention) amplify
+    rounding; the float32 originals were as far from float64 as that. optimize and the fuzzer now
+    accept such a graph only when it is no further from float64 than the original (plus tolerance)."""
+    assert check(seed).applied > 0
