@@ -71,9 +71,12 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], options: Options,
     return rows
 
 
+MAX_ROUNDS = 64  # a chain of 2^64 layers collapses in fewer rounds; a pass needing more never settles
+
+
 def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
     rows, rejected = [], set()
-    while True:
+    for _ in range(MAX_ROUNDS):
         found = [c for c in p.candidates(gm, options) if c.key not in rejected]
         todo = _without_overlaps([c for c in found if c.replacement is not None and (c.exact or not options.data_free)])
         skipped = [c for c in found if c.replacement is None or (not c.exact and options.data_free)]
@@ -99,6 +102,7 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
                 rows.append(Row(p.name, "skipped", _where(gm, c), reason=reason))
             return rows
         tidy(gm)
+    raise RuntimeError(f"still rewriting after {MAX_ROUNDS} rounds: the pass never reaches a fixed point")
 
 
 def precision_floor(dtype: torch.dtype) -> float:

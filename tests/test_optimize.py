@@ -197,3 +197,43 @@ def test_macs_count_layers_matmuls_and_attention():
     propagate_shapes(gm, (torch.randn(2, 5, 8),))
     linear, sdpa, matmuls = 2 * 5 * 24 * 8, 2 * 5 * 5 * (8 + 8), 2 * 5 * 5 * 8 + 2 * 5 * 8 * 5
     assert count_macs(gm) == linear + sdpa + matmuls
+
+
+def test_errors_that_add_up_past_the_tolerance_fail_the_end_to_end_check():
+    """Each rewrite is within its tolerance locally; together they are not: VerificationError."""
+    from fxfuse.graph import Chain, as_layer
+    from fxfuse.pass_manager import Candidate
+
+    class Perturb:  # scales every Linear by (1 + 9e-4): locally 9e-4 ≤ 1e-3, twice in series 1.8e-3
+        name = "perturb"
+
+        def candidates(self, gm, options):
+            found = []
+            for node in gm.graph.nodes:
+                layer = as_layer(gm, node)
+                if layer is not None and "perturb" not in str(node.target):
+                    new = nn.Linear(*reversed(layer.weight.shape)).eval()
+                    with torch.no_grad():
+                        new.weight.copy_(layer.weight * (1 + 9e-4))
+                        new.bias.copy_(layer.bias * (1 + 9e-4))
+                    found.append(Candidate(Chain([node]), new, tolerance=1e-3))
+            return found
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).eval()
+    with pytest.raises(fxfuse.VerificationError, match="further from the float64 original"):
+        fxfuse.optimize(model, (torch.randn(4, 8),), passes=[Perturb()])
+
+
+def test_a_pass_that_never_settles_is_stopped_with_its_name():
+    from fxfuse.graph import Chain, as_layer
+    from fxfuse.pass_manager import Candidate
+
+    class Forever:  # replaces every Linear by a copy of itself, round after round
+        name = "forever"
+
+        def candidates(self, gm, options):
+            return [Candidate(Chain([n]), copy.deepcopy(gm.get_submodule(n.target)))
+                    for n in gm.graph.nodes if as_layer(gm, n) is not None]
+
+    with pytest.raises(fxfuse.PassError, match="'forever'.*fixed point"):
+        fxfuse.optimize(nn.Sequential(nn.Linear(4, 4)).eval(), passes=[Forever()])
