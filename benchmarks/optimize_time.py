@@ -107,20 +107,20 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/optimize_time_cpu.json")
     args = parser.parse_args()
     rows = []
+    result = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__, "python": platform.python_version(),
+              "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+              "results": rows}
     for family, sizes in (("vit", args.vit_blocks), ("gpt2", args.gpt2_layers)):
         for size in sizes:
             for inplace in (False, True):
                 r = run_isolated(family, size, inplace)
                 rows.append(r)
+                with open(args.out, "w") as f:  # after every row, so an interrupted run keeps what it measured
+                    json.dump(result, f, indent=2)
                 print(f"{family:>4} {size:>4}  inplace={str(inplace):<5} {r['traced_nodes']:>6} nodes  "
                       f"{r['seconds']:>7.2f} s  {r['ms_per_node']:.2f} ms/node  peak +{r['peak_growth_mib']:,.0f} MiB "
                       f"(weights {r['model_mib']:,.0f} MiB)  {r['rewrites']} rewrites  error {r['max_rel_error']:.1e}",
                       flush=True)
-    result = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__, "python": platform.python_version(),
-              "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-              "results": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
