@@ -81,11 +81,12 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
         todo = _without_overlaps([c for c in found if c.replacement is not None and (c.exact or not options.data_free)])
         skipped = [c for c in found if c.replacement is None or (not c.exact and options.data_free)]
         values = record(gm, inputs, {c.chain.input for c in todo}) if inputs is not None and todo else {}
+        interp = fx.Interpreter(gm) if values else None
         applied = 0
         for c in todo:
             if values:
                 c.tolerance = max(c.tolerance, precision_floor(values[c.chain.input].dtype))
-            error, bounds = _chain_error(gm, c, values[c.chain.input]) if values else (None, (None, None))
+            error, bounds = _chain_error(interp, c, values[c.chain.input]) if values else (None, (None, None))
             row = _row(gm, p.name, c, error)
             row.bound_eq4, row.bound_proven = bounds
             if error is not None and not error <= c.tolerance:
@@ -180,11 +181,11 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple):
         return ShapeProp(gm).propagate(*inputs)
 
 
-def _chain_error(gm: fx.GraphModule, c: Candidate, x: torch.Tensor) -> tuple[float, tuple]:
+def _chain_error(interp: fx.Interpreter, c: Candidate, x: torch.Tensor) -> tuple[float, tuple]:
     """Relative error of the replacement against the original chain on the recorded input, and the
-    candidate's error bounds (absolute per sample) divided by the same scale, max |reference|."""
-    interp = fx.Interpreter(gm)
-    interp.env[c.chain.input] = x
+    candidate's error bounds (absolute per sample) divided by the same scale, max |reference|.
+    ``interp`` is made once per round: making one walks the whole graph."""
+    interp.env = {c.chain.input: x}
     with full_precision():
         for node in c.chain.nodes:
             for arg in node.all_input_nodes:
