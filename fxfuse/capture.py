@@ -117,6 +117,20 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict):
+        """A parameter read as an attribute (``F.layer_norm(x, s, self.weight)``) becomes a get_attr
+        node, as in ``fx.Tracer``, but found by a dict instead of a scan of every parameter per read
+        (which makes tracing quadratic in depth)."""
+        if isinstance(attr_val, nn.Parameter):
+            if not hasattr(self, "_parameter_names"):
+                self._parameter_names = {id(p): n for n, p in self.root.named_parameters()}
+            name = self._parameter_names.get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
 
 def _copy(model: nn.Module) -> nn.Module:
     try:
