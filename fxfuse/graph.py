@@ -214,7 +214,7 @@ def rel_error(new, ref) -> float:
 def _erase_attr_node(gm: fx.GraphModule, node: fx.Node) -> None:
     """Erase a dead get_attr node, and its tensor when no other node reads it."""
     gm.graph.erase_node(node)
-    if not any(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes):
+    if not gm.graph.find_nodes(op="get_attr", target=node.target):
         owner, _, attr = node.target.rpartition(".")
         delattr(gm.get_submodule(owner), attr)
 
