@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .export import export_onnx, onnxruntime_runner
-from .optimize import optimize, report_of
+from .optimize import optimize
 from .pass_manager import propagate_shapes
 from .report import count_macs
 

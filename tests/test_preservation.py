@@ -1,7 +1,7 @@
 """What a rewrite must preserve: dtype, device, requires_grad, buffers, shared weights, hooks, names."""
 import pytest
 import torch
-from conftest import count, optimize_and_compare, randomize_batchnorm
+from conftest import optimize_and_compare, randomize_batchnorm
 from torch import nn
 
 import fxfuse

@@ -4,7 +4,6 @@ import torch
 from conftest import count, optimize_and_compare, randomize_batchnorm
 from torch import nn
 
-import fxfuse
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
