@@ -78,8 +78,9 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
     rows, rejected = [], set()
     for _ in range(MAX_ROUNDS):
         found = [c for c in p.candidates(gm, options) if c.key not in rejected]
-        todo = _without_overlaps([c for c in found if c.replacement is not None and (c.exact or not options.data_free)])
-        skipped = [c for c in found if c.replacement is None or (not c.exact and options.data_free)]
+        runnable = [c.replacement is not None and (c.exact or not options.data_free) for c in found]
+        todo = _without_overlaps([c for c, ok in zip(found, runnable) if ok])
+        skipped = [c for c, ok in zip(found, runnable) if not ok]
         values = record(gm, inputs, {c.chain.input for c in todo}) if inputs is not None and todo else {}
         interp = fx.Interpreter(gm) if values else None
         applied = 0
