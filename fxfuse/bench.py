@@ -8,6 +8,10 @@ For each model of a suite it builds three variants from the same random weights:
 - ``hand``: the same collapse written by hand (each MLP replaced by one ``nn.Linear``; for
   BatchNorm-only models ``torch.fx.experimental.optimization.fuse``), the reference fxfuse must match.
 
+The tied decoder (``gpt_tied``) is the tie case: ``fxfuse`` runs ``optimize(..., tie=Tie(...))``
+(permute-merge of two windows of three feed-forward sublayers, a third of them), ``hand`` makes each
+window's blocks call one shared ``FeedForward`` (weights averaged) — same compute, fewer weights.
+
 Latency: on CUDA, CUDA events around each call after warm-up, median of repeats, in eager mode,
 ``torch.compile`` and CUDA-graph replay; on CPU, torch eager and onnxruntime (default graph
 optimisation level) with ``time.perf_counter``.
@@ -33,6 +37,7 @@ from .export import export_onnx, onnxruntime_runner
 from .optimize import optimize
 from .pass_manager import propagate_shapes
 from .report import count_macs
+from .tie import Tie
 
 
 @dataclass
@@ -42,6 +47,15 @@ class Case:
     linearize: Callable[[nn.Module], nn.Module]  # in place: collapse candidates' activations → PReLU(1)
     hand_collapse: Callable[[nn.Module], nn.Module]  # in place, on the linearized copy
     image: int = 224
+    tokens: tuple[int, int] | None = None  # (vocab, context): the input is token ids, not images
+    tie_windows: list[tuple[int, ...]] | None = None  # FF windows fxfuse ties (optimize(..., tie=...))
+
+    def example(self, batch: int, device="cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A random input batch: images (B, 3, H, W) in ``dtype`` or token ids (B, context)."""
+        if self.tokens:
+            vocab, context = self.tokens
+            return torch.randint(0, vocab, (batch, context), device=device)
+        return torch.randn(batch, 3, self.image, self.image, device=device, dtype=dtype)
 
 
 @dataclass
@@ -101,6 +115,29 @@ def _hand_collapse_vgg(model: nn.Module) -> nn.Module:
     return model
 
 
+def _hand_tie(windows: list[tuple[int, ...]]) -> Callable[[nn.Module], nn.Module]:
+    """Each window's decoder blocks call one ``FeedForward`` whose weights are the members' mean."""
+    def tie(model: nn.Module) -> nn.Module:
+        for window in windows:
+            members = [model.blocks[i].ff for i in window]
+            shared = copy.deepcopy(members[0])
+            with torch.no_grad():
+                for name, p in shared.named_parameters():
+                    p.copy_(torch.stack([m.get_parameter(name) for m in members]).mean(0))
+            for i in window:
+                model.blocks[i].ff = shared
+        return model
+    return tie
+
+
+def _decoder_case(name: str, windows: list[tuple[int, ...]], **config) -> Case:
+    from .models import TinyDecoder
+
+    build = lambda: TinyDecoder(**config).eval()  # noqa: E731
+    tokens = (config.get("vocab", 96), config.get("context", 64))
+    return Case(name, build, lambda m: m, _hand_tie(windows), tokens=tokens, tie_windows=windows)
+
+
 def _fuse_batchnorm(model: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
@@ -137,9 +174,12 @@ def suite(name: str, models: list[str] | None = None) -> list[Case]:
         "vgg11": Case("vgg11", _torchvision("vgg11"), _linearize_vgg, _hand_collapse_vgg),
         "resnet18": Case("resnet18", _torchvision("resnet18"), lambda m: m, _fuse_batchnorm),
         "tiny_vit": timm_case("tiny_vit", _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), 32),
+        "gpt_tied": _decoder_case("gpt_tied", [(4, 5, 6), (7, 8, 9)], vocab=8192, dim=768, layers=12, heads=12,
+                                  hidden=3072, context=256),
+        "tiny_decoder": _decoder_case("tiny_decoder", [(1, 2, 3)]),
     }
-    names = {"gpu": ["vit_b16", "mixer_b16", "vit_t16", "vgg11", "resnet18"],
-             "cpu": ["vit_t16", "resnet18", "vgg11", "mixer_b16"], "smoke": ["tiny_vit"]}[name]
+    names = {"gpu": ["vit_b16", "mixer_b16", "vit_t16", "vgg11", "resnet18", "gpt_tied"],
+             "cpu": ["vit_t16", "resnet18", "vgg11", "mixer_b16", "gpt_tied"], "smoke": ["tiny_vit", "tiny_decoder"]}[name]
     return [cases[n] for n in names if not models or n in models]
 
 
@@ -149,17 +189,17 @@ def variants(case: Case, device: str) -> dict[str, nn.Module]:
     original = case.build()
     linear = case.linearize(copy.deepcopy(original)).to(device)
     original = original.to(device)
-    example = (torch.randn(2, 3, case.image, case.image, device=device),)
-    return {"original": original, "fxfuse": optimize(linear, example),
+    example = (case.example(2, device),)
+    tie = Tie(windows=case.tie_windows, calibration=[case.example(8, device)]) if case.tie_windows else None
+    return {"original": original, "fxfuse": optimize(linear, example, tie=tie),
             "hand": case.hand_collapse(copy.deepcopy(linear))}
 
 
-def static_costs(model: nn.Module, image: int) -> tuple[int, int, int | None]:
+def static_costs(model: nn.Module, case: Case) -> tuple[int, int, int | None]:
     """Parameters, parameter bytes (each tensor once) and MACs at batch 1."""
     params = list(model.parameters())
     gm = model if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model)
-    device = params[0].device
-    propagate_shapes(gm, (torch.randn(1, 3, image, image, device=device),))
+    propagate_shapes(gm, (case.example(1, params[0].device),))
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params), count_macs(gm)
 
 
@@ -203,13 +243,13 @@ def cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable:
     return graph.replay
 
 
-def time_cuda(model: nn.Module, image: int, dtypes, batches, modes) -> dict:
+def time_cuda(model: nn.Module, case: Case, dtypes, batches, modes) -> dict:
     out = {}
     for dtype in dtypes:
         m = copy.deepcopy(model).to(dtype)
         compiled = torch.compile(m, dynamic=False) if "compile" in modes else None
         for batch in batches:
-            x = torch.randn(batch, 3, image, image, device="cuda", dtype=dtype)
+            x = case.example(batch, "cuda", dtype)
             fns = {"eager": lambda: m(x), "compile": lambda: compiled(x), "cudagraph": lambda: cuda_graph(m, x)}
             for mode in modes:
                 fn = fns[mode]() if mode == "cudagraph" else fns[mode]
@@ -217,12 +257,12 @@ def time_cuda(model: nn.Module, image: int, dtypes, batches, modes) -> dict:
     return out
 
 
-def profile_cuda(model: nn.Module, image: int, dtype: torch.dtype, batch: int, top: int = 8) -> list:
+def profile_cuda(model: nn.Module, case: Case, dtype: torch.dtype, batch: int, top: int = 8) -> list:
     """The ``top`` operators by CUDA time over 5 eager forwards: [name, ms per forward, share of total]."""
     from torch.profiler import ProfilerActivity, profile
 
     m = copy.deepcopy(model).to(dtype)
-    x = torch.randn(batch, 3, image, image, device="cuda", dtype=dtype)
+    x = case.example(batch, "cuda", dtype)
     for _ in range(3):
         m(x)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -236,10 +276,10 @@ def profile_cuda(model: nn.Module, image: int, dtype: torch.dtype, batch: int, t
     return [[e.key[:80], round(e.device_time_total / 5000, 4), round(e.device_time_total / total, 3)] for e in kernels[:top]]
 
 
-def time_cpu(model: nn.Module, onnx_path: Path | None, image: int, batches) -> dict:
+def time_cpu(model: nn.Module, onnx_path: Path | None, case: Case, batches) -> dict:
     out = {}
     for batch in batches:
-        x = torch.randn(batch, 3, image, image)
+        x = case.example(batch)
         out[f"cpu/float32/eager/b{batch}"] = round(cpu_latency(lambda: model(x)), 3)
         if onnx_path is not None:
             session = onnxruntime_runner(onnx_path)
@@ -261,17 +301,17 @@ def run(suite_name: str, out_dir: Path, batches, dtypes=("bfloat16",), modes=("e
     for case in suite(suite_name, models):
         with torch.inference_mode(False), torch.no_grad():
             for variant, model in variants(case, device).items():
-                r = Result(case.name, variant, *static_costs(model, case.image))
+                r = Result(case.name, variant, *static_costs(model, case))
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "m.onnx" if onnx else None
                     if onnx:
                         cpu_model = copy.deepcopy(model).cpu()
-                        stats = export_onnx(cpu_model, (torch.randn(1, 3, case.image, case.image),), path)
+                        stats = export_onnx(cpu_model, (case.example(1),), path)
                         r.onnx_bytes, r.onnx_nodes = stats.model.file_bytes, stats.model.nodes
-                    r.latency_ms = (time_cuda(model, case.image, [getattr(torch, d) for d in dtypes], batches, modes)
-                                    if cuda else time_cpu(model, path, case.image, batches))
+                    r.latency_ms = (time_cuda(model, case, [getattr(torch, d) for d in dtypes], batches, modes)
+                                    if cuda else time_cpu(model, path, case, batches))
                 if profile and cuda:
-                    r.profile = profile_cuda(model, case.image, getattr(torch, dtypes[-1]), max(batches))
+                    r.profile = profile_cuda(model, case, getattr(torch, dtypes[-1]), max(batches))
                 results.append(r)
                 print(json.dumps(asdict(r)), flush=True)
                 _write(out_dir, name or suite_name, meta, results)

@@ -141,8 +141,18 @@ def _without_overlaps(candidates: list[Candidate]) -> list[Candidate]:
     return kept
 
 
-class _Recorder(ShapeProp):
-    """ShapeProp (fills ``meta['tensor_meta']``) that also keeps the values of chosen nodes."""
+class NestedShapeProp(ShapeProp):
+    """ShapeProp that also fills the nodes of GraphModules called as submodules (a tied FF)."""
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if isinstance(module, fx.GraphModule) and not kwargs:
+            return NestedShapeProp(module).propagate(*args)
+        return super().call_module(target, args, kwargs)
+
+
+class _Recorder(NestedShapeProp):
+    """NestedShapeProp (fills ``meta['tensor_meta']``) that also keeps the values of chosen nodes."""
 
     def __init__(self, gm: fx.GraphModule, wanted: set):
         super().__init__(gm)
@@ -177,9 +187,9 @@ def record(gm: fx.GraphModule, inputs: tuple, wanted: set) -> dict:
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple):
-    """Fill every node's ``meta['tensor_meta']``; return the graph's outputs."""
+    """Fill every node's ``meta['tensor_meta']``, in called GraphModules too; return the outputs."""
     with full_precision():
-        return ShapeProp(gm).propagate(*inputs)
+        return NestedShapeProp(gm).propagate(*inputs)
 
 
 def _chain_error(interp: fx.Interpreter, c: Candidate, x: torch.Tensor) -> tuple[float, tuple]:

@@ -116,10 +116,13 @@ MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
 
 
 def count_macs(gm: fx.GraphModule) -> int | None:
-    """MACs of every Linear, Conv, matmul and attention in a shape-propagated graph (None without shapes)."""
+    """MACs of every Linear, Conv, matmul and attention in a shape-propagated graph (None without
+    shapes); a called GraphModule (a tied FF) counts once per call."""
     total = 0
     for node in gm.graph.nodes:
-        macs = layer_macs(gm, node) if _is_weighted_product(gm, node) else _product_macs(node)
+        module = module_of(gm, node)
+        macs = (count_macs(module) if isinstance(module, fx.GraphModule) else
+                layer_macs(gm, node) if _is_weighted_product(gm, node) else _product_macs(node))
         if macs is None:
             return None
         total += macs

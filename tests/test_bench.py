@@ -8,14 +8,34 @@ pytest.importorskip("timm")
 from fxfuse.bench import run  # noqa: E402
 
 
-def test_smoke_suite_measures_every_variant(tmp_path):
-    run("smoke", tmp_path, batches=[1])
-    data = json.loads((tmp_path / "smoke.json").read_text())
-    rows = {r["variant"]: r for r in data["results"]}
-    assert set(rows) == {"original", "fxfuse", "hand"}
-    assert rows["fxfuse"]["params"] == rows["hand"]["params"] < rows["original"]["params"]
-    assert rows["fxfuse"]["macs"] == rows["hand"]["macs"] < rows["original"]["macs"]
-    assert rows["fxfuse"]["onnx_bytes"] < rows["original"]["onnx_bytes"]
-    assert all(r["latency_ms"]["cpu/float32/eager/b1"] > 0 and r["latency_ms"]["cpu/float32/onnxruntime/b1"] > 0
-               for r in rows.values())
-    assert data["meta"]["command"] and "| tiny_vit | fxfuse |" in (tmp_path / "smoke.md").read_text()
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    run("smoke", out, batches=[1])
+    data = json.loads((out / "smoke.json").read_text())
+    return data, (out / "smoke.md").read_text()
+
+
+def variants_of(data, model):
+    return {r["variant"]: r for r in data["results"] if r["model"] == model}
+
+
+def test_smoke_suite_measures_every_variant(smoke):
+    data, table = smoke
+    for model in ("tiny_vit", "tiny_decoder"):
+        rows = variants_of(data, model)
+        assert set(rows) == {"original", "fxfuse", "hand"}
+        assert rows["fxfuse"]["params"] == rows["hand"]["params"] < rows["original"]["params"]
+        assert rows["fxfuse"]["onnx_bytes"] < rows["original"]["onnx_bytes"]
+        assert all(r["latency_ms"]["cpu/float32/eager/b1"] > 0 and r["latency_ms"]["cpu/float32/onnxruntime/b1"] > 0
+                   for r in rows.values())
+        assert f"| {model} | fxfuse |" in table
+    assert data["meta"]["command"]
+
+
+def test_collapse_removes_macs_and_tie_keeps_them(smoke):
+    vit, decoder = variants_of(smoke[0], "tiny_vit"), variants_of(smoke[0], "tiny_decoder")
+    assert vit["fxfuse"]["macs"] == vit["hand"]["macs"] < vit["original"]["macs"]
+    # a tied FF still runs at every site it serves: one set of weights, the same arithmetic
+    assert decoder["fxfuse"]["macs"] == decoder["hand"]["macs"] == decoder["original"]["macs"]
+    assert decoder["fxfuse"]["param_bytes"] == decoder["hand"]["param_bytes"] < decoder["original"]["param_bytes"]

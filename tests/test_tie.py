@@ -11,6 +11,8 @@ from torch import nn
 import fxfuse
 from fxfuse.alignment import permute
 from fxfuse.models import TinyDecoder
+from fxfuse.pass_manager import propagate_shapes
+from fxfuse.report import count_macs
 from fxfuse.passes.tie_feedforward import extract, find_feedforwards, find_in_extracted, group_feedforwards
 
 ACTS = ["gelu", "gelu_tanh", "relu", "silu", "prelu", "swiglu"]
@@ -125,6 +127,8 @@ def test_tied_weights_are_one_tensor_in_parameters_state_dict_and_checkpoint(tmp
     assert stored(gm) == stored(model) - removed
     sites = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("tied_ff")]
     assert len(sites) == 3 and len({n.target for n in sites}) == 1
+    propagate_shapes(gm, (x,))  # the shared FF runs at all three sites: the arithmetic is unchanged
+    assert count_macs(gm) == fxfuse.report_of(gm).macs_before > 0
     sizes = {}
     for name, m in (("orig", model), ("tied", gm)):
         torch.save(m.state_dict(), tmp_path / f"{name}.pt")
