@@ -110,5 +110,5 @@ def cross_correlation(a: FeatureStats, b: FeatureStats, cross_ab: torch.Tensor) 
 
 def match_permutation(correlation: torch.Tensor) -> torch.Tensor:
     """Eq. 2: π maximising Σ_i C_{i,π(i)} by linear assignment (Jonker–Volgenant, via scipy)."""
-    rows, cols = linear_sum_assignment(correlation.numpy(), maximize=True)
-    return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long)
+    rows, cols = linear_sum_assignment(correlation.cpu().numpy(), maximize=True)
+    return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long, device=correlation.device)

@@ -5,6 +5,9 @@ from torch import nn
 
 import fxfuse
 from fxfuse.modules import LeftLinear
+from fxfuse.passes import WITH_UNTRANSPOSE
+
+OPT_IN = {"passes": WITH_UNTRANSPOSE}
 
 
 class TokenMixing(nn.Module):
@@ -20,7 +23,7 @@ class TokenMixing(nn.Module):
 
 @pytest.mark.parametrize("dims,bias", [((1, 2), True), ((-1, -2), True), ((2, 1), False)])
 def test_token_mixing_becomes_a_left_matmul(dims, bias):
-    gm, report = optimize_and_compare(TokenMixing(dims=dims, bias=bias).eval(), (torch.randn(3, 12, 7),))
+    gm, report = optimize_and_compare(TokenMixing(dims=dims, bias=bias).eval(), (torch.randn(3, 12, 7),), **OPT_IN)
     assert len(applied(report, "untranspose_linear")) == 1
     assert [type(m) for m in gm.modules()][1:] == [LeftLinear]
     assert not any(n.target == "transpose" for n in gm.graph.nodes)
@@ -28,20 +31,20 @@ def test_token_mixing_becomes_a_left_matmul(dims, bias):
 
 
 def test_other_axes_are_left_alone():
-    gm, report = optimize_and_compare(TokenMixing(tokens=3, dims=(0, 2)).eval(), (torch.randn(3, 12, 4),))
+    gm, report = optimize_and_compare(TokenMixing(tokens=3, dims=(0, 2)).eval(), (torch.randn(3, 12, 4),), **OPT_IN)
     assert not applied(report, "untranspose_linear")
 
 
 def test_data_free_needs_negative_axes():
     model = TokenMixing().eval()
-    assert "rank is unknown" in skipped(fxfuse.report_of(fxfuse.optimize(model)), "untranspose_linear")[0].reason
+    assert "rank is unknown" in skipped(fxfuse.report_of(fxfuse.optimize(model, **OPT_IN)), "untranspose_linear")[0].reason
     negative = TokenMixing(dims=(-1, -2)).eval()
-    assert fxfuse.report_of(fxfuse.optimize(negative)).applied
+    assert fxfuse.report_of(fxfuse.optimize(negative, **OPT_IN)).applied
 
 
 def test_exports_and_pickles(tmp_path):
     x = (torch.randn(2, 12, 5),)
-    gm = fxfuse.optimize(TokenMixing().eval(), x)
+    gm = fxfuse.optimize(TokenMixing().eval(), x, **OPT_IN)
     assert fxfuse.export_onnx(gm, x, tmp_path / "t.onnx").error <= 1e-4
     torch.save(gm, tmp_path / "gm.pt")
     assert torch.equal(torch.load(tmp_path / "gm.pt", weights_only=False)(*x), gm(*x))
@@ -59,7 +62,12 @@ class MixerTokenMlp(nn.Module):
         return x + self.mlp(x.transpose(1, 2)).transpose(1, 2)
 
 
-def test_default_pipeline_collapses_then_untransposes_through_leftover_dropout():
-    gm, report = optimize_and_compare(MixerTokenMlp().eval(), (torch.randn(2, 12, 5),))
+def test_opt_in_pipeline_collapses_then_untransposes_through_leftover_dropout():
+    gm, report = optimize_and_compare(MixerTokenMlp().eval(), (torch.randn(2, 12, 5),), **OPT_IN)
     assert [r.pass_name for r in report.applied] == ["collapse", "drop_identity", "untranspose_linear"]
     assert [type(m) for m in gm.modules()][1:] == [LeftLinear]
+
+
+def test_not_a_default_pass():
+    _, report = optimize_and_compare(MixerTokenMlp().eval(), (torch.randn(2, 12, 5),))
+    assert [r.pass_name for r in report.applied] == ["collapse", "drop_identity"]
