@@ -4,7 +4,7 @@ time fxfuse's Mixer-B/16 against the original and the hand-collapsed one, in the
     python benchmarks/left_linear_gpu.py --out benchmarks/results
 
 matmul:   torch.matmul(W, x) + b      (2-D @ 3-D: ATen folds it through transposes, copying x)
-bmm:      torch.bmm(W.expand(B, m, n), x) + b   (stride-0 batch of W, no copy of x)
+bmm:      torch.bmm(W.expand(B, m, n), x) + b   (stride-0 batch of W, no copy of x; LeftLinear's own)
 baddbmm:  torch.baddbmm(b, W.expand(B, m, n), x) (bias in the GEMM)
 """
 from __future__ import annotations
@@ -16,19 +16,19 @@ import torch
 
 from fxfuse import bench
 from fxfuse.modules import LeftLinear
+from fxfuse.passes import WITH_UNTRANSPOSE
 
 
-def _batched(fn):
-    def forward(self, x):
-        flat = x.reshape(-1, *x.shape[-2:])
-        return fn(self, flat, self.weight.expand(flat.shape[0], -1, -1)).reshape(*x.shape[:-2], -1, x.shape[-1])
-    return forward
+def _baddbmm(self, x):
+    flat = x.reshape(-1, *x.shape[-2:])
+    y = torch.baddbmm(self.bias[:, None], self.weight.expand(flat.shape[0], -1, -1), flat)
+    return y.reshape(*x.shape[:-2], -1, x.shape[-1])
 
 
 WAYS = {
     "matmul": lambda self, x: torch.matmul(self.weight, x) + self.bias[:, None],
-    "bmm": _batched(lambda self, x, w: torch.bmm(w, x) + self.bias[:, None]),
-    "baddbmm": _batched(lambda self, x, w: torch.baddbmm(self.bias[:, None], w, x)),
+    "bmm": LeftLinear.forward,
+    "baddbmm": _baddbmm,
 }
 
 
@@ -36,11 +36,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--ways", nargs="+", default=list(WAYS))
+    parser.add_argument("--models", nargs="+", default=["mixer_b16"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     args = parser.parse_args()
     for way in args.ways:
         LeftLinear.forward = WAYS[way]
-        bench.run("gpu", Path(args.out), batches=[64, 256], modes=("eager", "cudagraph"), onnx=False, profile=True,
-                  models=["mixer_b16"], name=f"mixer_left_linear_{way}")
+        bench.run("gpu", Path(args.out), batches=args.batches, modes=("eager", "cudagraph"), onnx=False, profile=True,
+                  models=args.models, name=f"left_linear_{way}", passes=WITH_UNTRANSPOSE)
 
 
 if __name__ == "__main__":

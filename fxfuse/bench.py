@@ -183,15 +183,16 @@ def suite(name: str, models: list[str] | None = None) -> list[Case]:
     return [cases[n] for n in names if not models or n in models]
 
 
-def variants(case: Case, device: str) -> dict[str, nn.Module]:
-    """original, fxfuse and hand variants of ``case`` in float32 on ``device``, same weights."""
+def variants(case: Case, device: str, passes=None) -> dict[str, nn.Module]:
+    """original, fxfuse (``optimize`` with ``passes``, default its own) and hand variants of ``case``
+    in float32 on ``device``, same weights."""
     torch.manual_seed(0)
     original = case.build()
     linear = case.linearize(copy.deepcopy(original)).to(device)
     original = original.to(device)
     example = (case.example(2, device),)
     tie = Tie(windows=case.tie_windows, calibration=[case.example(8, device)]) if case.tie_windows else None
-    return {"original": original, "fxfuse": optimize(linear, example, tie=tie),
+    return {"original": original, "fxfuse": optimize(linear, example, passes=passes, tie=tie),
             "hand": case.hand_collapse(copy.deepcopy(linear))}
 
 
@@ -288,7 +289,8 @@ def time_cpu(model: nn.Module, onnx_path: Path | None, case: Case, batches) -> d
 
 
 def run(suite_name: str, out_dir: Path, batches, dtypes=("bfloat16",), modes=("eager", "compile", "cudagraph"),
-        onnx: bool = True, profile: bool = False, models: list[str] | None = None, name: str | None = None) -> dict:
+        onnx: bool = True, profile: bool = False, models: list[str] | None = None, name: str | None = None,
+        passes=None) -> dict:
     """Measure every case of ``suite_name``; write ``<name>.json`` and ``<name>.md`` (name defaults to
     the suite's) into ``out_dir``, rewritten after each variant so an interrupted run keeps its rows."""
     cuda = torch.cuda.is_available()
@@ -300,7 +302,7 @@ def run(suite_name: str, out_dir: Path, batches, dtypes=("bfloat16",), modes=("e
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "suite": suite_name}
     for case in suite(suite_name, models):
         with torch.inference_mode(False), torch.no_grad():
-            for variant, model in variants(case, device).items():
+            for variant, model in variants(case, device, passes).items():
                 r = Result(case.name, variant, *static_costs(model, case))
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "m.onnx" if onnx else None
