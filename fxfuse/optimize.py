@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import as_input_tuple, capture, check_inputs
-from .errors import VerificationError
+from .errors import UnsupportedModelError, VerificationError
 from .graph import rel_error
 from .pass_manager import Options, Pass, full_precision, propagate_shapes, run_passes
 from .report import Report, count_macs, count_params
@@ -26,7 +26,8 @@ def optimize(model: nn.Module, example_inputs: Any = None, *, passes: Sequence[P
 
     With ``example_inputs`` every rewrite is checked on the activations they produce (max relative
     error ≤ ``tolerance``; ``conv_tolerance`` for composed convs; ``approx_tolerance`` for PReLU
-    slopes within ``tau`` of 1 but not 1), and the whole graph is checked against the original.
+    slopes within ``tau`` of 1 but not 1), and the whole graph is checked against the original
+    (which must give the same output twice: a model random in eval mode is refused).
     Without them only provably exact rewrites run. ``model`` is left unchanged: the rewrite works
     on a deep copy unless ``inplace=True`` (then the result shares the untouched layers' tensors).
 
@@ -44,6 +45,7 @@ def optimize(model: nn.Module, example_inputs: Any = None, *, passes: Sequence[P
     report = Report(params_before=count_params(gm))
     if inputs is not None:
         reference = check_inputs(gm, inputs)
+        _refuse_random_output(gm, inputs, reference, tolerance)
         report.macs_before = count_macs(gm)
     report.rows = run_passes(gm, DEFAULT_PASSES if passes is None else passes, options, inputs)
     report.params_after = count_params(gm)
@@ -88,6 +90,19 @@ def _check_end_to_end(gm: fx.GraphModule, model: nn.Module, inputs: tuple, refer
             f"Rewrites:\n{report.table()}\n"
             "Fix: lower tau or approx_tolerance, or run with passes=[...] to find the pass at fault."
         )
+
+
+def _refuse_random_output(gm: fx.GraphModule, inputs: tuple, reference, tolerance: float) -> None:
+    """Raise ``UnsupportedModelError`` when a second call of the captured model on the example
+    inputs is further than ``tolerance`` from the first (``reference``): no rewrite can be checked."""
+    with full_precision():
+        drift = rel_error(gm(*inputs), reference)
+    if drift > tolerance:
+        raise UnsupportedModelError(
+            f"the model's output changes from one call to the next on the same inputs (by {drift:.2e}), so no "
+            "rewrite can be checked against it: something in forward is random in eval mode, e.g. "
+            "F.dropout(x, p, training=True) or torch.rand. Fix: make eval-mode forward deterministic "
+            "(F.dropout(x, p, self.training)).")
 
 
 def float64_errors(model: nn.Module, inputs: tuple, *outputs) -> list[float]:

@@ -2,10 +2,12 @@
 import json
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("timm")
 
-from fxfuse.bench import run  # noqa: E402
+from fxfuse.bench import run, suite, variants  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +41,26 @@ def test_collapse_removes_macs_and_tie_keeps_them(smoke):
     # a tied FF still runs at every site it serves: one set of weights, the same arithmetic
     assert decoder["fxfuse"]["macs"] == decoder["hand"]["macs"] == decoder["original"]["macs"]
     assert decoder["fxfuse"]["param_bytes"] == decoder["hand"]["param_bytes"] < decoder["original"]["param_bytes"]
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operators a forward dispatches (each is a kernel launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_fxfuse_graph_issues_no_more_ops_than_the_hand_collapsed_model():
+    case = suite("smoke", ["tiny_vit"])[0]
+    models, x = variants(case, "cpu"), case.example(2)
+    counts = {}
+    for name, model in models.items():
+        with CountOps() as ops, torch.no_grad():
+            model(x)
+        counts[name] = ops.count
+    assert counts["fxfuse"] <= counts["hand"] < counts["original"], counts

@@ -237,3 +237,20 @@ def test_a_pass_that_never_settles_is_stopped_with_its_name():
 
     with pytest.raises(fxfuse.PassError, match="'forever'.*fixed point"):
         fxfuse.optimize(nn.Sequential(nn.Linear(4, 4)).eval(), passes=[Forever()])
+
+
+class RandomInEval(nn.Module):
+    """Linear → PReLU(1) → Linear (collapsible), then a dropout that stays on in eval mode."""
+
+    def __init__(self, collapsible: bool):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.PReLU(init=1.0 if collapsible else 0.25), nn.Linear(32, 8))
+
+    def forward(self, x):
+        return nn.functional.dropout(self.body(x), 0.5, training=True)
+
+
+@pytest.mark.parametrize("collapsible", [True, False])
+def test_random_output_in_eval_mode_is_named(collapsible):
+    with pytest.raises(fxfuse.UnsupportedModelError, match=r"(?s)changes from one call to the next.*F.dropout"):
+        fxfuse.optimize(RandomInEval(collapsible).eval(), (torch.randn(4, 8),))
