@@ -9,13 +9,13 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import as_input_tuple, capture, check_inputs
-from .errors import UnsupportedModelError, VerificationError
+from .errors import InputError, UnsupportedModelError, VerificationError
 from .graph import rel_error
 from .pass_manager import Options, Pass, full_precision, propagate_shapes, run_passes
 from .report import Report, count_macs, count_params
 from .tie import Tie, run_tie
 
-REPORT_KEY = "fxfuse_report"
+REPORT_ATTRIBUTE = "fxfuse_report"  # a plain attribute: GraphModule pickling keeps those, not ``meta``
 
 
 def optimize(model: nn.Module, example_inputs: Any = None, *, passes: Sequence[Pass] | None = None,
@@ -54,13 +54,16 @@ def optimize(model: nn.Module, example_inputs: Any = None, *, passes: Sequence[P
     if tie is not None:
         _run_tie(gm, tie, inputs, reference if inputs is not None else None, report)
     report.seconds = time.perf_counter() - start
-    gm.meta[REPORT_KEY] = report
+    setattr(gm, REPORT_ATTRIBUTE, report)
     return gm
 
 
 def report_of(gm: fx.GraphModule) -> Report:
-    """The report ``optimize`` attached to the module it returned."""
-    return gm.meta[REPORT_KEY]
+    """The report ``optimize`` attached to the module it returned (kept by torch.save / torch.load)."""
+    report = getattr(gm, REPORT_ATTRIBUTE, None)
+    if report is None:
+        raise InputError(f"{type(gm).__name__} carries no fxfuse report: report_of takes what fxfuse.optimize returned.")
+    return report
 
 
 def _run_tie(gm: fx.GraphModule, tie: Tie, inputs, reference, report: Report) -> None:

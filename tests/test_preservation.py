@@ -93,6 +93,12 @@ def test_saved_and_loaded_optimized_module_reproduces_its_outputs(tmp_path):
     assert torch.equal(loaded(*inputs), gm(*inputs))
     assert loaded.state_dict().keys() == gm.state_dict().keys()
     assert sum(p.numel() for p in loaded.parameters()) == fxfuse.report_of(gm).params_after
+    assert fxfuse.report_of(loaded).to_json() == fxfuse.report_of(gm).to_json()
+
+
+def test_report_of_a_module_fxfuse_did_not_make():
+    with pytest.raises(fxfuse.InputError, match="no fxfuse report"):
+        fxfuse.report_of(torch.fx.symbolic_trace(demo_model()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
