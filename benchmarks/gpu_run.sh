@@ -2,7 +2,7 @@
 # The whole device check in one call (an H100/H200 machine whose python has torch, timm, onnx):
 # install, the CUDA and core tests on that torch, then the GPU benchmarks, most wanted first.
 # Everything goes to $OUT (at most 8 files come back): tests.log (install too), bench.log,
-# left_linear_{matmul,bmm,baddbmm}.json and gpu_<card>_{eager,compile,more}.json, each rewritten
+# left_linear_{matmul,bmm,baddbmm}_<card>.json and gpu_<card>_{eager,compile,more}.json, each rewritten
 # after every variant so a cut-off run keeps its rows.
 #   bash benchmarks/gpu_run.sh      (OUT=/some/dir to choose where)
 set -u

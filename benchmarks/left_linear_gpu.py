@@ -1,7 +1,7 @@
 """MLP-Mixer token mixing after untranspose_linear, with LeftLinear's forward written three ways:
 time fxfuse's Mixer-B/16 against the original and the hand-collapsed one, in the same run, per way.
 
-    python benchmarks/left_linear_gpu.py --out benchmarks/results
+    python benchmarks/left_linear_gpu.py --out benchmarks/results     (writes left_linear_<way>_<device>.json)
 
 matmul:   torch.matmul(W, x) + b      (2-D @ 3-D: ATen folds it through transposes, copying x)
 bmm:      torch.bmm(W.expand(B, m, n), x) + b   (stride-0 batch of W, no copy of x; LeftLinear's own)
@@ -39,10 +39,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mixer_b16"])
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
     args = parser.parse_args()
+    device = torch.cuda.get_device_name().split()[1].lower() if torch.cuda.is_available() else "cpu"
     for way in args.ways:
         LeftLinear.forward = WAYS[way]
         bench.run("gpu", Path(args.out), batches=args.batches, modes=("eager", "cudagraph"), onnx=False, profile=True,
-                  models=args.models, name=f"left_linear_{way}", passes=WITH_UNTRANSPOSE)
+                  models=args.models, name=f"left_linear_{way}_{device}", passes=WITH_UNTRANSPOSE)
 
 
 if __name__ == "__main__":
