@@ -11,7 +11,7 @@ from torch import nn
 from .capture import as_input_tuple, capture, check_inputs
 from .errors import InputError, UnsupportedModelError, VerificationError
 from .graph import rel_error
-from .pass_manager import Options, Pass, full_precision, propagate_shapes, run_passes
+from .pass_manager import Options, Pass, full_precision, precision_floor, propagate_shapes, run_passes
 from .report import Report, count_macs, count_params
 from .tie import Tie, run_tie
 
@@ -97,10 +97,11 @@ def _check_end_to_end(gm: fx.GraphModule, model: nn.Module, inputs: tuple, refer
 
 def _refuse_random_output(gm: fx.GraphModule, inputs: tuple, reference, tolerance: float) -> None:
     """Raise ``UnsupportedModelError`` when a second call of the captured model on the example
-    inputs is further than ``tolerance`` from the first (``reference``): no rewrite can be checked."""
+    inputs is further than ``tolerance`` (at least the dtype's precision floor) from the first
+    (``reference``): then no rewrite can be checked against it."""
     with full_precision():
         drift = rel_error(gm(*inputs), reference)
-    if drift > tolerance:
+    if drift > max(tolerance, precision_floor(next(gm.parameters()).dtype)):
         raise UnsupportedModelError(
             f"the model's output changes from one call to the next on the same inputs (by {drift:.2e}), so no "
             "rewrite can be checked against it: something in forward is random in eval mode, e.g. "
