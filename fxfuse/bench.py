@@ -68,6 +68,7 @@ class Result:
     onnx_bytes: int | None = None
     onnx_nodes: int | None = None
     latency_ms: dict = field(default_factory=dict)  # "cuda/bfloat16/eager/b64" → median ms
+    spread_ms: dict = field(default_factory=dict)  # the same keys → [first quartile, third quartile] ms
     profile: list = field(default_factory=list)  # top CUDA kernels of the eager forward: [name, ms, share]
 
 
@@ -204,8 +205,8 @@ def static_costs(model: nn.Module, case: Case) -> tuple[int, int, int | None]:
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params), count_macs(gm)
 
 
-def cuda_latency(fn: Callable, warmup: int = 10, repeat: int = 30) -> float:
-    """Median milliseconds of ``fn()`` between CUDA events, after ``warmup`` calls."""
+def cuda_times(fn: Callable, warmup: int = 10, repeat: int = 30) -> list[float]:
+    """Milliseconds of each of ``repeat`` calls of ``fn()`` between CUDA events, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -216,10 +217,11 @@ def cuda_latency(fn: Callable, warmup: int = 10, repeat: int = 30) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
 
 
-def cpu_latency(fn: Callable, warmup: int = 5, repeat: int = 20) -> float:
+def cpu_times(fn: Callable, warmup: int = 5, repeat: int = 20) -> list[float]:
+    """Milliseconds of each of ``repeat`` calls of ``fn()`` (``time.perf_counter``), after ``warmup``."""
     for _ in range(warmup):
         fn()
     times = []
@@ -227,7 +229,14 @@ def cpu_latency(fn: Callable, warmup: int = 5, repeat: int = 20) -> float:
         start = time.perf_counter()
         fn()
         times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return times
+
+
+def summarize(samples: dict[str, list[float]]) -> tuple[dict, dict]:
+    """Per timing key: the median, and the interquartile range [q1, q3] (how noisy the median is)."""
+    medians = {key: round(statistics.median(t), 4) for key, t in samples.items()}
+    spreads = {key: [round(q, 4) for q in statistics.quantiles(t, n=4)[::2]] for key, t in samples.items()}
+    return medians, spreads
 
 
 def cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable:
@@ -244,7 +253,7 @@ def cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable:
     return graph.replay
 
 
-def time_cuda(model: nn.Module, case: Case, dtypes, batches, modes) -> dict:
+def time_cuda(model: nn.Module, case: Case, dtypes, batches, modes) -> dict[str, list[float]]:
     out = {}
     for dtype in dtypes:
         m = copy.deepcopy(model).to(dtype)
@@ -254,7 +263,7 @@ def time_cuda(model: nn.Module, case: Case, dtypes, batches, modes) -> dict:
             fns = {"eager": lambda: m(x), "compile": lambda: compiled(x), "cudagraph": lambda: cuda_graph(m, x)}
             for mode in modes:
                 fn = fns[mode]() if mode == "cudagraph" else fns[mode]
-                out[f"cuda/{str(dtype)[6:]}/{mode}/b{batch}"] = round(cuda_latency(fn), 4)
+                out[f"cuda/{str(dtype)[6:]}/{mode}/b{batch}"] = cuda_times(fn)
     return out
 
 
@@ -277,14 +286,14 @@ def profile_cuda(model: nn.Module, case: Case, dtype: torch.dtype, batch: int, t
     return [[e.key[:80], round(e.device_time_total / 5000, 4), round(e.device_time_total / total, 3)] for e in kernels[:top]]
 
 
-def time_cpu(model: nn.Module, onnx_path: Path | None, case: Case, batches) -> dict:
+def time_cpu(model: nn.Module, onnx_path: Path | None, case: Case, batches) -> dict[str, list[float]]:
     out = {}
     for batch in batches:
         x = case.example(batch)
-        out[f"cpu/float32/eager/b{batch}"] = round(cpu_latency(lambda: model(x)), 3)
+        out[f"cpu/float32/eager/b{batch}"] = cpu_times(lambda: model(x))
         if onnx_path is not None:
             session = onnxruntime_runner(onnx_path)
-            out[f"cpu/float32/onnxruntime/b{batch}"] = round(cpu_latency(lambda: session((x,))), 3)
+            out[f"cpu/float32/onnxruntime/b{batch}"] = cpu_times(lambda: session((x,)))
     return out
 
 
@@ -310,8 +319,9 @@ def run(suite_name: str, out_dir: Path, batches, dtypes=("bfloat16",), modes=("e
                         cpu_model = copy.deepcopy(model).cpu()
                         stats = export_onnx(cpu_model, (case.example(1),), path)
                         r.onnx_bytes, r.onnx_nodes = stats.model.file_bytes, stats.model.nodes
-                    r.latency_ms = (time_cuda(model, case, [getattr(torch, d) for d in dtypes], batches, modes)
-                                    if cuda else time_cpu(model, path, case, batches))
+                    samples = (time_cuda(model, case, [getattr(torch, d) for d in dtypes], batches, modes)
+                               if cuda else time_cpu(model, path, case, batches))
+                    r.latency_ms, r.spread_ms = summarize(samples)
                 if profile and cuda:
                     r.profile = profile_cuda(model, case, getattr(torch, dtypes[-1]), max(batches))
                 results.append(r)
@@ -330,7 +340,8 @@ def markdown_table(data: dict) -> str:
     """Per model and timing key: each variant's value and ratio to the original; params and MACs ratios."""
     rows = data["results"]
     lines = [f"Command: `{data['meta']['command']}`  \nDevice: {data['meta']['device']}, torch {data['meta']['torch']}",
-             "", "| model | variant | params | MACs | ONNX bytes | timing | ms | ÷ original |", "|---|---|---|---|---|---|---|---|"]
+             "", "| model | variant | params | MACs | ONNX bytes | timing | ms | IQR ms | ÷ original |",
+             "|---|---|---|---|---|---|---|---|---|"]
     originals = {r["model"]: r for r in rows if r["variant"] == "original"}
     for r in rows:
         o = originals.get(r["model"], r)
@@ -338,6 +349,8 @@ def markdown_table(data: dict) -> str:
         statics = f"{r['params']:,} ({ratio(r['params'], o['params'])}) | {r['macs'] or 0:,} ({ratio(r['macs'], o['macs'])}) | " \
                   f"{r['onnx_bytes'] or 0:,}"
         for key, ms in r["latency_ms"].items():
-            lines.append(f"| {r['model']} | {r['variant']} | {statics} | {key} | {ms:.3f} | {ratio(ms, o['latency_ms'].get(key))} |")
+            iqr = "–".join(f"{q:.3f}" for q in r.get("spread_ms", {}).get(key, []))
+            lines.append(f"| {r['model']} | {r['variant']} | {statics} | {key} | {ms:.3f} | {iqr} | "
+                         f"{ratio(ms, o['latency_ms'].get(key))} |")
             statics = " | | "
     return "\n".join(lines) + "\n"

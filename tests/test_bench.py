@@ -32,6 +32,8 @@ def test_smoke_suite_measures_every_variant(smoke):
         assert all(r["latency_ms"]["cpu/float32/eager/b1"] > 0 and r["latency_ms"]["cpu/float32/onnxruntime/b1"] > 0
                    for r in rows.values())
         assert f"| {model} | fxfuse |" in table
+        for r in rows.values():  # each median lies in its interquartile range
+            assert all(q1 <= r["latency_ms"][key] <= q3 for key, (q1, q3) in r["spread_ms"].items())
     assert data["meta"]["command"]
 
 
