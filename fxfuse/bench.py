@@ -135,7 +135,7 @@ def _decoder_case(name: str, windows: list[tuple[int, ...]], **config) -> Case:
     from .models import TinyDecoder
 
     build = lambda: TinyDecoder(**config).eval()  # noqa: E731
-    tokens = (config.get("vocab", 96), config.get("context", 64))
+    tokens = (config["vocab"], config["context"])
     return Case(name, build, lambda m: m, _hand_tie(windows), tokens=tokens, tie_windows=windows)
 
 
@@ -177,7 +177,7 @@ def suite(name: str, models: list[str] | None = None) -> list[Case]:
         "tiny_vit": timm_case("tiny_vit", _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), 32),
         "gpt_tied": _decoder_case("gpt_tied", [(4, 5, 6), (7, 8, 9)], vocab=8192, dim=768, layers=12, heads=12,
                                   hidden=3072, context=256),
-        "tiny_decoder": _decoder_case("tiny_decoder", [(1, 2, 3)]),
+        "tiny_decoder": _decoder_case("tiny_decoder", [(1, 2, 3)], vocab=96, context=64),
     }
     names = {"gpu": ["vit_b16", "mixer_b16", "vit_t16", "vgg11", "resnet18", "gpt_tied"],
              "cpu": ["vit_t16", "resnet18", "vgg11", "mixer_b16", "gpt_tied"], "smoke": ["tiny_vit", "tiny_decoder"]}[name]

@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from .bench import run as bench
 
-            bench(args.suite, Path(args.out), args.batches, tuple(args.dtypes), tuple(args.modes), not args.no_onnx,
-                  args.profile, args.models, args.name)
+            bench(args.suite, Path(args.out), args.batches, dtypes=tuple(args.dtypes), modes=tuple(args.modes),
+                  onnx=not args.no_onnx, profile=args.profile, models=args.models, name=args.name)
             return 0
         if args.command == "demo":
             model, inputs, out = demo_model(), demo_inputs(), Path(args.out)

@@ -11,7 +11,8 @@ class LeftLinear(nn.Module):
     The same function as ``linear(x.transpose(-1, -2)).transpose(-1, -2)`` without the two
     transposes, whose non-contiguous results cost copies (MLP-Mixer's token mixing). One batched
     GEMM whose weight has batch stride 0: ``torch.matmul(W, x)`` would fold 2-D @ 3-D through
-    transposes and copy x (on CPU it measured 1.9x slower; ``benchmarks/left_linear_gpu.py``).
+    transposes and copy x (on an H100 that made MLP-Mixer-B/16 1.27x slower at batch 256;
+    ``benchmarks/left_linear_gpu.py``).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):

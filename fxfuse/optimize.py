@@ -42,7 +42,7 @@ def optimize(model: nn.Module, example_inputs: Any = None, *, passes: Sequence[P
     gm = capture(model, inplace=inplace, leaf_modules=leaf_modules, concrete_args=concrete_args)
     options = Options(tau=tau, force=force, tolerance=tolerance, conv_tolerance=conv_tolerance,
                       approx_tolerance=approx_tolerance, data_free=inputs is None)
-    report = Report(params_before=count_params(gm))
+    report, reference = Report(params_before=count_params(gm)), None
     if inputs is not None:
         reference = check_inputs(gm, inputs)
         _refuse_random_output(gm, inputs, reference, tolerance)
@@ -52,7 +52,7 @@ def optimize(model: nn.Module, example_inputs: Any = None, *, passes: Sequence[P
     if inputs is not None:
         _check_end_to_end(gm, model, inputs, reference, report)
     if tie is not None:
-        _run_tie(gm, tie, inputs, reference if inputs is not None else None, report)
+        _run_tie(gm, tie, inputs, reference, report)
     report.seconds = time.perf_counter() - start
     setattr(gm, REPORT_ATTRIBUTE, report)
     return gm
