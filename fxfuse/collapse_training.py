@@ -46,43 +46,44 @@ def self_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_l
     return 0.5 * ce + 0.5 * kl + reg
 
 
-class AdamLC(torch.optim.Optimizer):
-    """Algorithm 2: Adam (lines 7–13), then θ ← θ − 2·(θ − 1)·lc·lr for groups with ``lc`` > 0.
+class AdamLC(torch.optim.Adam):
+    """Algorithm 2: Adam (lines 7–13, ``torch.optim.Adam`` with its options), then
+    θ ← θ − 2·(θ − 1)·lc·lr (line 15) for the groups with ``lc`` > 0.
 
     Put the slopes in a group of their own with ``lc`` set (``collapse_param_groups`` does); the
-    other parameters take a plain Adam step. Parameters without a gradient are left alone.
+    other parameters take a plain Adam step. Parameters without a gradient are left alone. Each
+    step checks 2·lc·lr < 1 (groups' lc and lr may change between steps, as ``finetune_collapse``
+    and learning-rate schedulers do).
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 lc: float = 0.0):
-        if lr <= 0 or eps < 0 or not all(0 <= b < 1 for b in betas) or lc < 0:
-            raise InputError(f"AdamLC needs lr > 0, eps ≥ 0, betas in [0, 1) and lc ≥ 0; got lr={lr}, "
-                             f"betas={betas}, eps={eps}, lc={lc}.")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, lc=lc))
+    def __init__(self, params, lr: float = 1e-3, lc: float = 0.0, **adam):
+        if lc < 0:
+            raise InputError(f"AdamLC needs lc ≥ 0; got lc={lc}.")
+        self.default_lc = lc
+        super().__init__(params, lr=lr, **adam)
+
+    def add_param_group(self, group: dict) -> None:
+        group.setdefault("lc", self.default_lc)
+        super().add_param_group(group)
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         for group in self.param_groups:
-            (beta1, beta2), lr, eps, lc = group["betas"], group["lr"], group["eps"], group["lc"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state.update(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
-                state["t"] += 1
-                t, m, v = state["t"], state["m"], state["v"]
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
-                p.sub_(lr * m_hat / (v_hat.sqrt() + eps))
-                if lc:
-                    p.sub_(2 * lc * lr * (p - 1))
+            _check_pull(group["lc"], group["lr"])
+        loss = super().step(closure)
+        for group in self.param_groups:
+            if group["lc"]:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.sub_(2 * group["lc"] * group["lr"] * (p - 1))
         return loss
+
+
+def _check_pull(lc: float, lr: float) -> None:
+    if 2 * lc * lr >= 1:
+        raise InputError(f"2·lc·lr = {2 * lc * lr:g} ≥ 1: AdamLC's pull θ ← θ − 2·lc·lr·(θ − 1) would reach or "
+                         "overshoot α = 1 in one step (past 2 it diverges). Lower lc or lr (finetune_collapse's "
+                         "default lc = 200 with lr = 5e-4 gives 0.2).")
 
 
 def collapse_param_groups(gm: fx.GraphModule, lc: float, pairs: Sequence[CollapsePair] | None = None) -> list[dict]:
@@ -116,9 +117,7 @@ def finetune_collapse(prepared: fx.GraphModule, teacher: nn.Module, batches: Ite
     """
     if epochs < 1 or lc <= 0 or threshold <= 0:
         raise InputError(f"finetune_collapse needs epochs ≥ 1, lc > 0, threshold > 0; got {epochs}, {lc}, {threshold}.")
-    if 2 * lc * lr >= 1:
-        raise InputError(f"2·lc·lr = {2 * lc * lr:g} ≥ 1: AdamLC's pull would overshoot α = 1 every step. "
-                         "Lower lc or lr (the default lc = 200 with lr = 5e-4 gives 0.2).")
+    _check_pull(lc, lr)  # before any training (AdamLC checks again at each step)
     tau = math.sqrt(threshold / lc) if tau is None else tau
     pending = list(reversed(collapse_pairs(prepared)))  # last pair first
     if not pending:

@@ -27,11 +27,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .affine import ChannelAffine, is_between_op
+from .affine import batchnorm_problem, is_between_op
 from .capture import as_input_tuple, capture, check_inputs
 from .errors import InputError, UnsupportedModelError
-from .graph import Chain, as_layer, find_chains, is_layer, module_of, replace_chain, tidy, where
-from .pass_manager import propagate_shapes
+from .graph import Chain, as_layer, find_chains, is_batchnorm, is_layer, module_of, replace_chain, tidy, where
 
 ROLE_KEY = "fxfuse_collapse_pair"
 SKIPPED_KEY = "fxfuse_prepare_skipped"
@@ -72,21 +71,23 @@ def _is_middle(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def pair_gain(gm: fx.GraphModule, chain: Chain) -> float | str:
-    """Eq. 7 for Linear pairs, the corrected Eq. 8 for Conv pairs, or why the pair cannot collapse."""
+    """Eq. 7 for Linear pairs, the corrected Eq. 8 for Conv pairs, or why the pair cannot collapse
+    (a BatchNorm between them that ``optimize`` could not fold, a Linear with a Conv, a padded conv)."""
     from fxfuse.passes.collapse_linear import collapse_gain
-    from fxfuse.passes.compose_conv import compose_convs, compose_gain, composition_problem
+    from fxfuse.passes.compose_conv import compose_gain, composed_shape, composition_problem
 
     first, second = as_layer(gm, chain.nodes[0]), as_layer(gm, chain.nodes[-1])
+    problem = next(filter(None, (batchnorm_problem(module_of(gm, n), first) for n in chain.middle
+                                 if is_batchnorm(gm, n))), None)
+    if problem:  # optimize would not fold it, so the trained pair would never collapse
+        return problem
     if first.is_conv != second.is_conv:
         return "a Linear and a Conv: no single layer computes their composition"
     if not first.is_conv:
         (n_hidden, n_in), n_out = first.weight.shape, second.weight.shape[0]
         return collapse_gain(n_in, n_hidden, n_out)
-    problem = composition_problem(first.conv, second.conv)
-    if problem:
-        return problem
-    composed = compose_convs(first, second, ChannelAffine.identity(first.out_channels, first.weight.device))
-    return compose_gain(first.weight, second.weight, composed.weight)
+    return composition_problem(first.conv, second.conv) or compose_gain(first.weight, second.weight,
+                                                                         composed_shape(first, second))
 
 
 def _candidates(gm: fx.GraphModule) -> tuple[list[tuple[Chain, fx.Node, float]], list[tuple[list[str], str]]]:
@@ -133,14 +134,14 @@ def _select(gm: fx.GraphModule, pairs: list, which) -> list:
 
 def _new_prelu(gm: fx.GraphModule, chain: Chain, act: fx.Node, per_channel: bool) -> nn.PReLU | str:
     """The PReLU for ``act``: one slope, or one per hidden channel (PReLU's channel axis is 1)."""
-    first = as_layer(gm, chain.nodes[0])
-    channels = first.out_channels if per_channel else 1
-    if per_channel and not first.is_conv:
+    first, init = as_layer(gm, chain.nodes[0]), initial_slope(gm, act)
+    keeps_slopes = isinstance(init, torch.Tensor) and init.numel() == first.out_channels  # an existing PReLU(C)
+    channels = first.out_channels if per_channel or keeps_slopes else 1
+    if channels > 1 and not keeps_slopes and not first.is_conv:
         meta = act.meta.get("tensor_meta")
         if meta is None or len(meta.shape) != 2:
             return ("one slope per channel needs a rank-2 Linear output (PReLU's channel axis is 1): "
                     "pass example_inputs to prove the rank, or per_channel=False")
-    init = initial_slope(gm, act)
     if isinstance(init, torch.Tensor) and init.numel() not in (1, channels):
         return f"the existing PReLU has {init.numel()} slopes, the pair {channels} channels"
     prelu = nn.PReLU(channels).to(device=first.weight.device, dtype=first.weight.dtype)
@@ -165,8 +166,7 @@ def prepare_collapse(model: nn.Module, example_inputs: Any = None, *, which: str
     inputs = as_input_tuple(example_inputs)
     gm = capture(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     if inputs is not None:
-        check_inputs(gm, inputs)
-        propagate_shapes(gm, inputs)
+        check_inputs(gm, inputs)  # also fills the shapes (tensor_meta) that per_channel needs
     pairs, skipped = _candidates(gm)
     if not pairs:
         raise UnsupportedModelError(

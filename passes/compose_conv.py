@@ -19,6 +19,8 @@ where it pays, the corrected Eq. 8 (the printed one is new/old inverted against 
 from __future__ import annotations
 
 import itertools
+import math
+from typing import Sequence
 
 import torch
 import torch.fx as fx
@@ -54,11 +56,27 @@ def grouped_weight(dense: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.cat([dense[g * out_g:(g + 1) * out_g, g * in_g:(g + 1) * in_g] for g in range(groups)])
 
 
+def composed_size(k1, k2, stride1, dilation1, dilation2) -> list[int]:
+    """Kernel size of W2 ∘ W1 per spatial dim: s1·d2·(k2 − 1) + d1·(k1 − 1) + 1."""
+    return [s * d2 * (b - 1) + d1 * (a - 1) + 1 for a, b, s, d1, d2 in zip(k1, k2, stride1, dilation1, dilation2)]
+
+
+def composed_groups(c1, c2) -> int:
+    """Equal group counts stay grouped; otherwise the composition is dense."""
+    return c1.groups if c1.groups == c2.groups else 1
+
+
+def composed_shape(first: Layer, second: Layer) -> tuple[int, ...]:
+    """The single conv's weight shape (out, in / groups, *kernel), known before composing."""
+    c1, c2 = first.conv, second.conv
+    size = composed_size(c1.kernel_size, c2.kernel_size, c1.stride, c1.dilation, c2.dilation)
+    return (c2.out_channels, c1.in_channels // composed_groups(c1, c2), *size)
+
+
 def compose_kernels(w1: torch.Tensor, w2: torch.Tensor, stride1, dilation1, dilation2) -> torch.Tensor:
     """K = W2 ∘ W1 for dense weights w1 (hidden, in, *k1), w2 (out, hidden, *k2)."""
     k1, k2 = w1.shape[2:], w2.shape[2:]
-    size = [s * d2 * (b - 1) + d1 * (a - 1) + 1 for a, b, s, d1, d2 in zip(k1, k2, stride1, dilation1, dilation2)]
-    kernel = w1.new_zeros(w2.shape[0], w1.shape[1], *size)
+    kernel = w1.new_zeros(w2.shape[0], w1.shape[1], *composed_size(k1, k2, stride1, dilation1, dilation2))
     for b in itertools.product(*(range(n) for n in k2)):
         start = [s * d2 * i for i, s, d2 in zip(b, stride1, dilation2)]
         window = tuple(slice(o, o + d1 * (a - 1) + 1, d1) for o, a, d1 in zip(start, k1, dilation1))
@@ -66,9 +84,9 @@ def compose_kernels(w1: torch.Tensor, w2: torch.Tensor, stride1, dilation1, dila
     return kernel
 
 
-def compose_gain(w1: torch.Tensor, w2: torch.Tensor, composed: torch.Tensor) -> float:
+def compose_gain(w1: torch.Tensor, w2: torch.Tensor, composed_shape: Sequence[int]) -> float:
     """Corrected Eq. 8: 1 − (composed weights) / (weights of the two convs)."""
-    return 1 - composed.numel() / (w1.numel() + w2.numel())
+    return 1 - math.prod(composed_shape) / (w1.numel() + w2.numel())
 
 
 def composition_problem(c1, c2) -> str | None:
@@ -87,7 +105,7 @@ def compose_convs(first: Layer, second: Layer, affine: ChannelAffine) -> nn.Modu
     c1, c2 = first.conv, second.conv
     w1, b1 = fold_into_weights(first.weight, first.bias, affine)
     w1, w2 = dense_weight(w1, c1.groups), dense_weight(second.weight.detach().double(), c2.groups)
-    groups = c1.groups if c1.groups == c2.groups else 1
+    groups = composed_groups(c1, c2)
     kernel = grouped_weight(compose_kernels(w1, w2, c1.stride, c1.dilation, c2.dilation), groups)
     bias = w2.sum(dim=tuple(range(2, w2.dim()))) @ b1
     if second.bias is not None:
@@ -108,11 +126,10 @@ class ComposeConv:
             if isinstance(affine, str):
                 found.append(Candidate(chain, reason=affine))
                 continue
-            module = compose_convs(first, second, affine)
-            gain = compose_gain(first.weight, second.weight, module.weight)
+            gain = compose_gain(first.weight, second.weight, composed_shape(first, second))
             if gain <= 0 and not options.force:
                 found.append(Candidate(chain, reason=f"compression gain (Eq. 8, corrected) {gain:.2f} ≤ 0"))
                 continue
-            found.append(Candidate(chain, module, exact=affine.exact,
+            found.append(Candidate(chain, compose_convs(first, second, affine), exact=affine.exact,
                                    tolerance=options.conv_tolerance if affine.exact else options.approx_tolerance))
         return found

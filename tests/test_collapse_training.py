@@ -94,6 +94,30 @@ def test_bad_selections_and_models_name_cause_and_fix():
         fxfuse.AdamLC([nn.Parameter(torch.zeros(1))], lc=-1.0)
     with pytest.raises(fxfuse.InputError, match="overshoot"):
         fxfuse.finetune_collapse(fxfuse.prepare_collapse(model), model, [], epochs=1, lr=0.01, lc=50)
+    slope = nn.Parameter(torch.zeros(1))
+    slope.grad = torch.zeros(1)
+    with pytest.raises(fxfuse.InputError, match="overshoot"):
+        fxfuse.AdamLC([{"params": [slope], "lc": 200.0}], lr=0.01).step()
+
+
+def test_pair_with_a_batchnorm_optimize_cannot_fold_is_not_prepared():
+    model = nn.Sequential(nn.Linear(8, 64), nn.BatchNorm1d(64, track_running_stats=False), nn.ReLU(),
+                          nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    prepared = fxfuse.prepare_collapse(model, torch.randn(4, 8))
+    assert len(fxfuse.collapse_pairs(prepared)) == 1
+    assert "track_running_stats=False" in prepared.meta["fxfuse_prepare_skipped"][0][1]
+    x = torch.randn(4, 8)
+    assert torch.allclose(prepared(x), model(x), atol=1e-6)  # ReLU as PReLU(0): the same function
+
+
+def test_an_existing_channelwise_prelu_keeps_its_slopes():
+    model = nn.Sequential(nn.Linear(8, 64), nn.PReLU(64), nn.Linear(64, 8)).eval()
+    nn.init.uniform_(model[1].weight, 0.0, 0.5)
+    prepared = fxfuse.prepare_collapse(model)
+    (slope,) = fxfuse.slopes(prepared)
+    assert torch.equal(slope.detach(), model[1].weight.detach())
+    x = torch.randn(4, 8)
+    assert torch.allclose(prepared(x), model(x), atol=1e-6)
 
 
 def test_per_channel_on_token_linears_is_skipped_with_its_reason():

@@ -61,7 +61,7 @@ def test_same_padding_second_conv_with_unit_kernel_composes():
 
 def test_negative_gain_is_not_composed():
     model = nn.Sequential(nn.Conv2d(32, 16, 3), nn.Conv2d(16, 32, 3)).eval()
-    assert compose_gain(model[0].weight, model[1].weight, torch.empty(32, 32, 5, 5)) < 0
+    assert compose_gain(model[0].weight, model[1].weight, (32, 32, 5, 5)) < 0
     gm, report = optimize_and_compare(model, (torch.randn(1, 32, 12, 12),))
     assert count(gm, nn.Conv2d) == 2
     assert "Eq. 8" in skipped(report, "compose")[0].reason
