@@ -162,28 +162,41 @@ def replace_chain(gm: fx.GraphModule, chain: Chain, module: nn.Module, suffix: s
     ``blocks.0.fc1_<suffix>``); the new node inherits the last node's metadata (shape, dtype).
     A chain replaced by ``nn.Identity`` is bypassed: its users read the chain's input.
     """
-    first, last = chain.nodes[0], chain.nodes[-1]
     if isinstance(module, nn.Identity):
         return _bypass(gm, chain)
-    name = _free_name(gm, where(gm, first)[0].replace("_" + suffix, "") + "_" + suffix)
+    name = _free_name(gm, where(gm, chain.nodes[0])[0].replace("_" + suffix, "") + "_" + suffix)
     gm.add_submodule(name, module)
+    return replace_nodes(gm, chain.nodes, chain.input, name, chain_where(gm, chain))
+
+
+def replace_nodes(gm: fx.GraphModule, nodes: list[fx.Node], input: fx.Node, target: str,
+                  origin: list[str]) -> fx.Node:
+    """Replace ``nodes`` (graph order, the last one's value their result, no value inside read
+    outside) by ``call_module(target, (input,))``; the new node keeps the last node's shape and
+    dtype metadata and records ``origin``. Dead get_attr nodes and their tensors go too."""
+    last = nodes[-1]
     with gm.graph.inserting_after(last):
-        new = gm.graph.call_module(name, (chain.input,))
+        new = gm.graph.call_module(target, (input,))
     new.meta = {k: v for k, v in last.meta.items() if k in ("tensor_meta", "val", "type")}
-    new.meta["fxfuse_origin"] = [w for n in chain.nodes for w in where(gm, n)]
+    new.meta["fxfuse_origin"] = origin
     last.replace_all_uses_with(new)
-    _erase(gm, chain)
+    _erase(gm, nodes)
     return new
+
+
+def chain_where(gm: fx.GraphModule, chain: Chain) -> list[str]:
+    """Module paths of the chain's nodes, in order (the report's ``where``)."""
+    return [w for n in chain.nodes for w in where(gm, n)]
 
 
 def _bypass(gm: fx.GraphModule, chain: Chain) -> fx.Node:
     chain.nodes[-1].replace_all_uses_with(chain.input)
-    _erase(gm, chain)
+    _erase(gm, chain.nodes)
     return chain.input
 
 
-def _erase(gm: fx.GraphModule, chain: Chain) -> None:
-    for node in reversed(chain.nodes):
+def _erase(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    for node in reversed(nodes):
         attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
         gm.graph.erase_node(node)
         for a in attrs:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import PassError
-from .graph import Chain, fetch_attr, rel_error, replace_chain, tidy, where
+from .graph import Chain, chain_where, fetch_attr, rel_error, replace_chain, tidy
 from .report import Row, layer_macs, weight_macs
 
 
@@ -101,7 +101,7 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
         if not applied:
             for c in skipped:
                 reason = c.reason or "approximate (PReLU slope ≠ 1): needs example inputs to measure its error"
-                rows.append(Row(p.name, "skipped", _where(gm, c), reason=reason))
+                rows.append(Row(p.name, "skipped", chain_where(gm, c.chain), reason=reason))
             return rows
         tidy(gm)
     raise RuntimeError(f"still rewriting after {MAX_ROUNDS} rounds: the pass never reaches a fixed point")
@@ -215,15 +215,11 @@ def _row(gm, pass_name: str, c: Candidate, error: float | None) -> Row:
     out_meta = c.chain.nodes[-1].meta.get("tensor_meta")
     weight = getattr(c.replacement, "weight", None)
     macs_after = None if out_meta is None else 0 if weight is None else weight_macs(out_meta.shape, weight)
-    return Row(pass_name, "applied", _where(gm, c),
+    return Row(pass_name, "applied", chain_where(gm, c.chain),
                params_before=sum(p.numel() for n in c.chain.nodes for p in _params(gm, n)),
                params_after=sum(p.numel() for p in c.replacement.parameters()),
                macs_before=sum(macs) if macs and macs_after is not None else None, macs_after=macs_after,
                error=error, exact=c.exact, tolerance=c.tolerance)
-
-
-def _where(gm, c: Candidate) -> list[str]:
-    return [w for n in c.chain.nodes for w in where(gm, n)]
 
 
 def _params(gm: fx.GraphModule, node: fx.Node):

@@ -30,7 +30,7 @@ from torch import nn
 from .affine import batchnorm_problem, is_between_op
 from .capture import as_input_tuple, capture, check_inputs
 from .errors import InputError, UnsupportedModelError
-from .graph import Chain, as_layer, find_chains, is_batchnorm, is_layer, module_of, replace_chain, tidy, where
+from .graph import Chain, as_layer, chain_where, find_chains, is_batchnorm, is_layer, module_of, replace_chain, tidy, where
 
 ROLE_KEY = "fxfuse_collapse_pair"
 SKIPPED_KEY = "fxfuse_prepare_skipped"
@@ -94,7 +94,7 @@ def _candidates(gm: fx.GraphModule) -> tuple[list[tuple[Chain, fx.Node, float]],
     """(chain, activation node, gain) for every collapsible pair, and the (where, reason) of the others."""
     pairs, skipped = [], []
     for chain, reason in find_chains(gm, is_layer, _is_middle, is_layer):
-        names = [w for n in chain.nodes for w in where(gm, n)]
+        names = chain_where(gm, chain)
         acts = [n for n in chain.middle if is_activation(gm, n)]
         if reason or len(acts) > 1:
             skipped.append((names, reason or f"{len(acts)} activations between the layers"))
@@ -174,7 +174,7 @@ def prepare_collapse(model: nn.Module, example_inputs: Any = None, *, which: str
             f"would pay to collapse. Left alone: {skipped or 'none found'}. Fix: collapsible pairs widen "
             "(n_hidden > n_in·n_out/(n_in + n_out)) and their hidden values have no other user.")
     for chain, act, gain in _select(gm, pairs, which):
-        names = tuple(w for n in chain.nodes for w in where(gm, n))
+        names = tuple(chain_where(gm, chain))
         prelu = _new_prelu(gm, chain, act, per_channel)
         if isinstance(prelu, str):
             skipped.append((list(names), prelu))

@@ -88,7 +88,7 @@ def distance(measure: str, a: FFWeights, b: FFWeights) -> float:
 
 def _ridged(s: torch.Tensor, ridge: float) -> torch.Tensor:
     k = s.shape[0]
-    return s + ridge * max(torch.trace(s).item() / k, 1e-300) * torch.eye(k, dtype=s.dtype)
+    return s + ridge * max(torch.trace(s).item() / k, 1e-300) * torch.eye(k, dtype=s.dtype, device=s.device)
 
 
 def linear_cka_from_sums(n: int, sum_x, sum_y, xx, yy, xy) -> float:

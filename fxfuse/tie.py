@@ -30,7 +30,7 @@ from .alignment import FeatureStats, FFWeights, average, cross_correlation, matc
 from .capture import as_input_tuple, capture
 from .errors import InputError
 from .graph import rel_error
-from .pass_manager import record
+from .pass_manager import full_precision, precision_floor, record
 from .report import Row, count_params
 from .similarity import MEASURES, distance, linear_cka_from_sums
 
@@ -110,10 +110,18 @@ def run_tie(gm: fx.GraphModule, tie: Tie, example_inputs: tuple | None) -> list[
     if not candidates:
         return rows
     batches = _batches(tie, example_inputs)
-    stats, samples = collect_features(gm, ffs, batches, _pairs(tie, candidates), tie.mask)
-    plans = {w: plan_window(tie, ffs, w, stats) for w in candidates}
-    scores = {w: _score(gm, tie, ffs, w, plans[w]) for w in candidates}
-    chosen = _choose(tie, candidates, scores)
+    by_evaluation = tie.selector == "evaluate"  # scores need every window's merge; data-free ones need none
+    if not by_evaluation:
+        scores = {w: _weight_score(tie, ffs, w) for w in candidates}
+        chosen = _choose(tie, candidates, scores)
+    planned = candidates if by_evaluation else chosen
+    pairs = _pairs(tie, planned)
+    stats, samples = collect_features(gm, ffs, batches if pairs else batches[:1], pairs, tie.mask,
+                                      members={i for w in planned for i in w})
+    plans = {w: plan_window(tie, ffs, w, stats) for w in planned}
+    if by_evaluation:
+        scores = {w: _evaluation_score(gm, tie, w, plans[w]) for w in candidates}
+        chosen = _choose(tie, candidates, scores)
     for w in candidates:
         rows.append(Row(PASS_NAME, "scored", [ffs[i].name for i in w], score=scores[w],
                         reason=f"window {list(w)} by {tie.selector}" + ("" if w in chosen else "; not chosen")))
@@ -129,24 +137,30 @@ def run_tie(gm: fx.GraphModule, tie: Tie, example_inputs: tuple | None) -> list[
     return rows
 
 
-ALIGN_TOLERANCE = 1e-4  # a permuted FF must reproduce its own outputs (float32 round-off only)
+ALIGN_TOLERANCE = 1e-4  # a permuted FF must reproduce its own outputs (round-off only; half precision: its floor)
 
 
 def alignment_problem(gm: fx.GraphModule, ffs, plan: Plan, samples: dict) -> str | None:
     """Check, before averaging, that every permuted member still computes its own function on the
     first calibration batch (it must: Sec. 3.2's invariance); the reason to skip if one does not."""
     for i, weights in plan.aligned.items():
-        with torch.no_grad():
+        with full_precision():
             error = rel_error(build_shared(gm, ffs[i], weights)(samples[i][0]), samples[i][1])
-        if not error <= ALIGN_TOLERANCE:
-            return (f"{ffs[i].name} permuted differs from itself by {error:.1e} > {ALIGN_TOLERANCE:g}: something in it "
+        tolerance = max(ALIGN_TOLERANCE, precision_floor(samples[i][1].dtype))
+        if not error <= tolerance:
+            return (f"{ffs[i].name} permuted differs from itself by {error:.1e} > {tolerance:g}: something in it "
                     "is not element-wise over hidden neurons, so the alignment would change its function")
     return None
 
 
 def _candidate_windows(tie: Tie, ffs, groups: dict, rows: list[Row]) -> list[tuple[int, ...]]:
     if tie.windows is not None:
+        used: set[int] = set()
         for w in tie.windows:
+            if len(set(w)) != len(w) or used & set(w):
+                raise InputError(f"Tie(windows=...) window {list(w)} repeats an FF or overlaps an earlier window. "
+                                 "Fix: give disjoint windows of distinct FF indices.")
+            used |= set(w)
             if not w or any(not 0 <= i < len(ffs) for i in w) or len({ffs[i].signature for i in w}) != 1:
                 found = ", ".join(f"{i}: {ff.name}" for i, ff in enumerate(ffs)) or "none"
                 raise InputError(f"Tie(windows=...) window {list(w)} is not a set of structurally identical FFs. "
@@ -193,19 +207,21 @@ def _rows_of(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows if mask is None else rows[mask.reshape(-1).bool()]
 
 
-def collect_features(gm, ffs, batches, pairs: dict[int, set], mask=None):
-    """One pass over ``batches``: streaming float64 sums of every FF's hidden features (and the
-    cross sums the alignment needs), plus the first batch's FF inputs/outputs for error checks."""
-    stats = [FeatureStats() for _ in ffs]
+def collect_features(gm, ffs, batches, pairs: dict[int, set], mask=None, members: set | None = None):
+    """One pass over ``batches``: streaming float64 sums of the hidden features of the FFs
+    ``members`` (indices; default all), the cross sums the alignment needs (``pairs``), and the
+    first batch's inputs/outputs of those FFs for error checks."""
+    members = sorted(range(len(ffs)) if members is None else members)
+    stats = {i: FeatureStats() for i in members}
     samples = {}
-    wanted = {ff.hidden for ff in ffs}
     for b, batch in enumerate(batches):
-        values = record(gm, batch, wanted | ({n for ff in ffs for n in (ff.x, ff.y)} if b == 0 else set()))
+        ends = {n for i in members for n in (ffs[i].x, ffs[i].y)} if b == 0 else set()
+        values = record(gm, batch, {ffs[i].hidden for i in members} | ends)
         if b == 0:
-            samples = {i: (values[ff.x], values[ff.y]) for i, ff in enumerate(ffs)}
+            samples = {i: (values[ffs[i].x], values[ffs[i].y]) for i in members}
         m = mask(batch) if mask is not None else None
-        feats = [_rows_of(values[ff.hidden], m) for ff in ffs]
-        for i, f in enumerate(feats):
+        feats = {i: _rows_of(values[ffs[i].hidden], m) for i in members}
+        for i, f in feats.items():
             stats[i].add(f)
             for j in pairs.get(i, ()):
                 stats[i].add_cross(j, f, feats[j])
@@ -258,13 +274,14 @@ def apply_plan(gm: fx.GraphModule, tie: Tie, members: list, plan: Plan, samples:
     max-relative error of an FF output on the first calibration batch."""
     before = count_params(gm)
     names = [ff.name for ff in members]
+    shared = None
     if plan.merged is None:
         error = max(rel_error(torch.zeros_like(samples[i][1]), samples[i][1]) for i in plan.window)
     else:
         shared = build_shared(gm, members[0], plan.merged)
-        with torch.no_grad():
+        with full_precision():
             error = max(rel_error(shared(samples[i][0]), samples[i][1]) for i in plan.window)
-    rewrite(gm, members, plan)
+    rewrite(gm, members, plan, shared)
     removed = before - count_params(gm)
     window_params = sum(ff.numel for ff in members)
     return Row(PASS_NAME, "applied", names, params_before=window_params, params_after=window_params - removed,
@@ -272,11 +289,15 @@ def apply_plan(gm: fx.GraphModule, tie: Tie, members: list, plan: Plan, samples:
                exact=error == 0.0, reason=f"{tie.fuse} of {len(members)} FFs, align={tie.align}, anchor={tie.anchor}")
 
 
-def _score(gm, tie: Tie, ffs, window, plan: Plan) -> float:
-    if tie.selector != "evaluate":
-        a = anchor_of(tie, window) if tie.fuse != "drop" else window[0]
-        others = [i for i in window if i != a] or list(window)
-        return sum(distance(tie.selector, ffs[a].weights(), ffs[i].weights()) for i in others) / len(others)
+def _weight_score(tie: Tie, ffs, window) -> float:
+    """Data-free: the mean distance (``tie.select``) of the window's members to its anchor."""
+    a = anchor_of(tie, window) if tie.fuse != "drop" else window[0]
+    others = [i for i in window if i != a] or list(window)
+    return sum(distance(tie.selector, ffs[a].weights(), ffs[i].weights()) for i in others) / len(others)
+
+
+def _evaluation_score(gm, tie: Tie, window, plan: Plan) -> float:
+    """Sec. 3.4: ``tie.evaluate`` of a copy of the model with the window merged."""
     from fxfuse.passes.tie_feedforward import find_feedforwards
 
     trial = copy.deepcopy(gm)
@@ -286,14 +307,15 @@ def _score(gm, tie: Tie, ffs, window, plan: Plan) -> float:
         return float(tie.evaluate(trial))
 
 
-def rewrite(gm: fx.GraphModule, members: list, plan: Plan) -> None:
-    """Tie the window's FFs to one shared module holding the merged weights (or drop them)."""
+def rewrite(gm: fx.GraphModule, members: list, plan: Plan, shared: nn.Module | None = None) -> None:
+    """Tie the window's FFs to one shared module holding the merged weights (``shared`` if already
+    built), or drop them."""
     from fxfuse.passes.tie_feedforward import drop_sites, tie_sites
 
     if plan.merged is None:
         drop_sites(gm, members)
     else:
-        tie_sites(gm, members, build_shared(gm, members[0], plan.merged))
+        tie_sites(gm, members, build_shared(gm, members[0], plan.merged) if shared is None else shared)
 
 
 def _choose(tie: Tie, candidates, scores) -> list[tuple[int, ...]]:
@@ -351,8 +373,11 @@ def feedforward_cka(model: nn.Module, batches: Iterable,
     streaming float64 sums over ``batches``. Returns the L×L matrix and the FFs' names."""
     from fxfuse.passes.tie_feedforward import find_feedforwards
 
-    gm = model if isinstance(model, fx.GraphModule) else capture(model)
+    gm = model if isinstance(model, fx.GraphModule) else capture(model, inplace=True)  # read only: no copy
     ffs = find_feedforwards(gm)
+    if not ffs:
+        raise InputError(f"{type(model).__name__} has no feed-forward sublayer (Linear → act → Linear, SwiGLU, "
+                         "Conv1D) to compare.")
     n, sums, cross = 0, None, None
     for batch in batches:
         batch = as_input_tuple(batch)
@@ -366,6 +391,8 @@ def feedforward_cka(model: nn.Module, batches: Iterable,
             sums[i] += o.sum(0)
             for j in range(i, len(outs)):
                 cross[i, j] = cross.get((i, j), 0) + o.T @ outs[j]
+    if n == 0:
+        raise InputError("feedforward_cka needs at least one batch with rows (after the mask).")
     size = len(ffs)
     matrix = torch.eye(size, dtype=torch.float64)
     for i, j in itertools.combinations(range(size), 2):

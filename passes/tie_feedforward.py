@@ -31,11 +31,11 @@ from torch import nn
 
 from fxfuse.alignment import FFWeights
 from fxfuse.errors import PassError
-from fxfuse.graph import _erase_attr_node, _free_name, as_layer, fetch_attr, module_of, tidy
+from fxfuse.graph import _free_name, as_layer, fetch_attr, is_identity, module_of, replace_nodes, tidy
 
-ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout, nn.LeakyReLU,
+ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
                        nn.ReLU6, nn.Mish, nn.ELU)
-ELEMENTWISE_FUNCTIONS = {F.gelu, F.relu, F.silu, F.mish, F.elu, F.leaky_relu, F.dropout, torch.tanh, torch.sigmoid,
+ELEMENTWISE_FUNCTIONS = {F.gelu, F.relu, F.silu, F.mish, F.elu, F.leaky_relu, torch.tanh, torch.sigmoid,
                          torch.relu, torch.pow, torch.mul, torch.add, operator.mul, operator.add, operator.truediv,
                          operator.sub, torch.erf}
 ELEMENTWISE_METHODS = {"pow", "mul", "add", "tanh", "sigmoid", "relu", "__mul__", "__add__"}
@@ -177,6 +177,8 @@ def _feedforward_ending_at(gm: fx.GraphModule, down: Dense) -> FeedForward | Non
 
 def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An op that acts on each hidden feature alone (so it commutes with a neuron permutation)."""
+    if is_identity(gm, node):  # Identity, eval-mode dropout
+        return True
     mod = module_of(gm, node)
     if mod is not None:
         return isinstance(mod, ELEMENTWISE_MODULES) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1)
@@ -240,7 +242,7 @@ def _label(gm: fx.GraphModule, n: fx.Node) -> str:
     if n.op == "call_module":
         mod = gm.get_submodule(n.target)
         shapes = [tuple(p.shape) for p in mod.parameters()]
-        return f"{type(mod).__name__}{shapes}{getattr(mod, 'approximate', '')}"
+        return f"{type(mod).__name__}({mod.extra_repr()}){shapes}"  # settings: GELU's approximate, ELU's alpha
     constants = [a for a in n.args if not isinstance(a, fx.Node)]
     return f"{n.op}:{getattr(n.target, '__name__', n.target)}{constants}{sorted(n.kwargs.items(), key=str)}"
 
@@ -283,30 +285,18 @@ def find_in_extracted(module: fx.GraphModule) -> FeedForward:
     return ffs[0]
 
 
-def tie_sites(gm: fx.GraphModule, ffs: list[FeedForward], shared: nn.Module, base: str = "tied_ff") -> str:
-    """Make every FF in ``ffs`` call ``shared`` (registered once, at a fresh name); return the name."""
-    name = _free_name(gm, base)
+def tie_sites(gm: fx.GraphModule, ffs: list[FeedForward], shared: nn.Module) -> None:
+    """Make every FF in ``ffs`` call ``shared``, registered once at a fresh name."""
+    name = _free_name(gm, "tied_ff")
     gm.add_submodule(name, shared)
     for ff in ffs:
         replace_region(gm, ff, name)
     tidy(gm)
-    return name
 
 
 def replace_region(gm: fx.GraphModule, ff: FeedForward, target: str) -> fx.Node:
     """Replace the FF's region by ``call_module(target, (x,))``; drop the tensors no longer read."""
-    with gm.graph.inserting_after(ff.y):
-        new = gm.graph.call_module(target, (ff.x,))
-    new.meta = {k: v for k, v in ff.y.meta.items() if k in ("tensor_meta", "val", "type")}
-    new.meta["fxfuse_origin"] = [ff.name]
-    ff.y.replace_all_uses_with(new)
-    for n in reversed(ff.region):
-        if n.op == "get_attr":
-            if not n.users:
-                _erase_attr_node(gm, n)
-        else:
-            gm.graph.erase_node(n)
-    return new
+    return replace_nodes(gm, [n for n in ff.region if n.op != "get_attr"], ff.x, target, [ff.name])
 
 
 class ZeroFeedForward(nn.Module):

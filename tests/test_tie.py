@@ -284,6 +284,34 @@ def test_explicit_window_of_unlike_ffs_is_an_input_error():
         fxfuse.optimize(model.eval(), (ids(0),), tie=fxfuse.Tie(windows=[(0, 7)]))
 
 
+def test_overlapping_or_repeating_windows_are_an_input_error():
+    for windows in ([(0, 1), (1, 2)], [(0, 0)]):
+        with pytest.raises(fxfuse.InputError, match="disjoint windows"):
+            fxfuse.optimize(tiny(layers=3), (ids(0),), tie=fxfuse.Tie(windows=windows))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_permuted_copies_are_tied(dtype):
+    """The alignment check allows the dtype's rounding (a permuted FF sums in another order)."""
+    model = permuted_copies("relu").to(dtype)
+    gm = fxfuse.optimize(model, (ids(0),), tie=fxfuse.Tie(windows=[(0, 1, 2, 3)], calibration=[ids(1)]))
+    assert len([r for r in fxfuse.report_of(gm).applied if r.pass_name == "tie"]) == 1
+    with torch.no_grad():
+        assert rel(gm(ids(2)), model(ids(2))) <= 4 * torch.finfo(dtype).eps
+
+
+def test_activation_settings_split_groups():
+    model = tiny(layers=2, act="relu")
+    model.blocks[0].ff.act, model.blocks[1].ff.act = nn.LeakyReLU(0.01), nn.LeakyReLU(5.0)
+    ffs = find_feedforwards(fxfuse.optimize(model, (ids(0),)))
+    assert len(group_feedforwards(ffs)) == 2
+
+
+def test_cka_of_a_model_without_feedforwards_is_an_input_error():
+    with pytest.raises(fxfuse.InputError, match="no feed-forward"):
+        fxfuse.feedforward_cka(nn.Sequential(nn.Linear(4, 4)).eval(), [torch.randn(2, 4)])
+
+
 def test_tie_without_any_data_is_an_input_error():
     with pytest.raises(fxfuse.InputError, match="calibration"):
         fxfuse.optimize(tiny(layers=4), None, tie=fxfuse.Tie(remove=1))
