@@ -29,11 +29,16 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator | None = No
 def optimize_and_compare(model: nn.Module, inputs: tuple, rtol: float = 1e-5, **kwargs):
     """optimize(model, inputs); assert the result computes the same (fresh inputs too); return (gm, report)."""
     gm = fxfuse.optimize(model, inputs, **kwargs)
-    with torch.no_grad():
-        for x in (inputs, tuple(torch.randn_like(t) if t.is_floating_point() else t for t in inputs)):
-            err = max_rel_error(gm(*x), model(*x))
-            assert err <= rtol, f"optimized model differs by {err:.2e} > {rtol:g}"
+    for x in (inputs, tuple(torch.randn_like(t) if t.is_floating_point() else t for t in inputs)):
+        assert_same_function(gm, model, x, rtol)
     return gm, fxfuse.report_of(gm)
+
+
+def assert_same_function(new: nn.Module, model: nn.Module, inputs: tuple, rtol: float = 1e-5) -> None:
+    """The rewritten module's outputs on ``inputs`` are within ``rtol`` (max relative error) of ``model``'s."""
+    with torch.no_grad():
+        err = max_rel_error(new(*inputs), model(*inputs))
+    assert err <= rtol, f"rewritten model differs by {err:.2e} > {rtol:g}"
 
 
 def applied(report, pass_name: str) -> list:

@@ -175,8 +175,7 @@ def random_program(seed: int) -> tuple[nn.Module, tuple[int, ...], torch.dtype]:
              "signal": (rng.randint(1, 6), rng.randint(8, 24))}[kind]
     b = _Builder(rng, [shape])
     for _ in range(rng.randint(2, 12)):
-        is_conv = len(b.shapes[-1]) >= 2 and kind in ("image", "signal") and b.steps[-1:] != [("flatten",)] \
-            and len(b.shapes[-1]) == len(shape)
+        is_conv = len(b.shapes[-1]) >= 2 and kind in ("image", "signal") and len(b.shapes[-1]) == len(shape)
         if is_conv and rng.random() < 0.1 and math.prod(b.shapes[-1]) <= 2048:
             b._push(("flatten", -1, None, None), (math.prod(b.shapes[-1]),))
         else:

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from conftest import max_rel_error
 from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("timm")
@@ -60,24 +61,31 @@ class RecordOps(TorchDispatchMode):
         return out
 
 
-def dispatched_ops(case_name: str, suite_name: str) -> dict[str, list]:
+def dispatched_ops(case_name: str, suite_name: str) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
+    """Per variant: the aten ops one forward dispatches, and its output."""
     case = suite(suite_name, [case_name])[0]
     models, x = variants(case, "cpu"), case.example(1)
-    recorded = {}
+    for model in models.values():  # timm zero-initialises Mixer's head: give every variant the same nonzero one
+        head = model.get_submodule("head")
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    ops, outputs = {}, {}
     for name, model in models.items():
-        with RecordOps() as ops, torch.no_grad():
-            model(x)
-        recorded[name] = ops.ops
-    return recorded
+        with RecordOps() as recorder, torch.no_grad():
+            outputs[name] = model(x)
+        ops[name] = recorder.ops
+    return ops, outputs
 
 
 def test_fxfuse_graph_dispatches_the_hand_collapsed_models_ops():
-    ops = dispatched_ops("tiny_vit", "smoke")
+    ops, outputs = dispatched_ops("tiny_vit", "smoke")
     assert ops["fxfuse"] == ops["hand"] and len(ops["hand"]) < len(ops["original"])
+    assert max_rel_error(outputs["fxfuse"], outputs["hand"]) <= 1e-5  # and they compute the same
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["vit_b16", "mixer_b16", "vit_t16"])
 def test_fxfuse_dispatches_the_hand_collapsed_models_ops_on_the_benchmark_models(model):
-    ops = dispatched_ops(model, "gpu")
+    ops, outputs = dispatched_ops(model, "gpu")
     assert ops["fxfuse"] == ops["hand"]
+    assert max_rel_error(outputs["fxfuse"], outputs["hand"]) <= 1e-5

@@ -188,16 +188,7 @@ def test_self_distillation_loss_is_half_ce_plus_half_kl_plus_reg():
 
 # --- schedule -----------------------------------------------------------------------------------
 
-@pytest.fixture
-def one_thread():
-    """Many tiny steps: one thread avoids the spin-wait of two threads on busy cores (30 ms vs 500 ms a step)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_schedule_collapses_from_the_last_pair_and_optimize_collapses_every_pair(one_thread):
+def test_schedule_collapses_from_the_last_pair_and_optimize_collapses_every_pair():
     torch.manual_seed(4)
     model = widening_mlp()
     x = torch.randn(256, 12)

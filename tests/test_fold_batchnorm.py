@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import applied, count, optimize_and_compare, randomize_batchnorm, skipped
+from conftest import applied, assert_same_function, count, optimize_and_compare, randomize_batchnorm, skipped
 from torch import nn
 
 import fxfuse
@@ -50,7 +50,9 @@ def test_batchnorm_without_running_stats_is_not_folded():
 def test_data_free_fold_needs_a_proven_channel_axis():
     conv2d = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))).eval()
     conv1d = randomize_batchnorm(nn.Sequential(nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8))).eval()
-    assert count(fxfuse.optimize(conv2d), BN) == 0
+    folded = fxfuse.optimize(conv2d)
+    assert count(folded, BN) == 0
+    assert_same_function(folded, conv2d, (torch.randn(2, 3, 9, 9),))  # nothing checked it without inputs
     gm = fxfuse.optimize(conv1d)
     assert count(gm, BN) == 1 and "rank" in skipped(fxfuse.report_of(gm), "fold_batchnorm")[0].reason
 
@@ -74,6 +76,8 @@ def test_conv_output_with_other_users_is_not_folded():
 def test_fold_preserves_dtype_and_requires_grad():
     model = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))).double().eval()
     model[0].requires_grad_(False)
-    gm, _ = optimize_and_compare(model, (torch.randn(2, 3, 8, 8, dtype=torch.float64),), tolerance=1e-12)
+    gm, report = optimize_and_compare(model, (torch.randn(2, 3, 8, 8, dtype=torch.float64),), rtol=1e-12,
+                                      tolerance=1e-12)
+    assert count(gm, BN) == 0 and applied(report, "fold_batchnorm")
     (conv,) = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
     assert conv.weight.dtype == torch.float64 and not conv.weight.requires_grad

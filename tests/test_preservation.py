@@ -15,6 +15,7 @@ def test_half_precision_models_are_rewritten_and_stay_half(dtype):
     gm = fxfuse.optimize(model, inputs)
     report = fxfuse.report_of(gm)
     assert len(report.applied) == 4 and all(p.dtype == dtype for p in gm.parameters())
+    assert sorted(r.pass_name for r in report.applied) == ["collapse", "compose", "fold_batchnorm", "fold_batchnorm"]
     eps = torch.finfo(dtype).eps
     assert all(r.error <= 2 * eps for r in report.applied) and report.error <= 2 * eps
     reference = demo_model().double()(*(x.double() for x in inputs))

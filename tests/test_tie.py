@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 import torch.fx as fx
+from conftest import assert_same_function, max_rel_error
 from torch import nn
 
 import fxfuse
@@ -25,10 +26,6 @@ def tiny(act="gelu", layers=6, dtype=torch.float32, seed=0, **kw):
 
 def ids(seed, batch=4, length=16):
     return torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def ff_params(model, i):
@@ -82,7 +79,7 @@ def test_permuted_unmerged_ff_is_the_same_function(act):
     perm = torch.randperm(256, generator=torch.Generator().manual_seed(0))
     find_in_extracted(module).load(permute(ff.weights(), perm))
     assert not torch.equal(find_in_extracted(module).ups[0].weight, ff.ups[0].weight)
-    assert rel(module(x), ref) <= 1e-12
+    assert max_rel_error(module(x), ref) <= 1e-12
 
 
 def permuted_copies(act="relu", layers=4, dtype=torch.float64):
@@ -112,7 +109,7 @@ def test_permute_merge_is_exact_on_permuted_copies_and_vanilla_is_not(act):
     for align in ("permute", "vanilla"):
         gm = fxfuse.optimize(model, (x,), tie=fxfuse.Tie(windows=[(0, 1, 2, 3)], calibration=batches, align=align))
         with torch.no_grad():
-            errors[align] = rel(gm(ids(11)), model(ids(11)))
+            errors[align] = max_rel_error(gm(ids(11)), model(ids(11)))
         assert fxfuse.report_of(gm).params_after == fxfuse.report_of(gm).params_before - 3 * ff_params(model, 0)
     assert errors["permute"] <= 1e-10
     assert errors["vanilla"] > 1e-2
@@ -297,7 +294,7 @@ def test_half_precision_permuted_copies_are_tied(dtype):
     gm = fxfuse.optimize(model, (ids(0),), tie=fxfuse.Tie(windows=[(0, 1, 2, 3)], calibration=[ids(1)]))
     assert len([r for r in fxfuse.report_of(gm).applied if r.pass_name == "tie"]) == 1
     with torch.no_grad():
-        assert rel(gm(ids(2)), model(ids(2))) <= 4 * torch.finfo(dtype).eps
+        assert max_rel_error(gm(ids(2)), model(ids(2))) <= 4 * torch.finfo(dtype).eps
 
 
 def test_activation_settings_split_groups():
@@ -350,3 +347,5 @@ def test_data_free_ranking_finds_the_ffs_that_are_permutations_of_each_other(mea
     assert max(alike) < 1e-4 < min(others)
     chosen = [r for r in report.applied if r.pass_name == "tie"][0]
     assert set(chosen.where) <= {f"blocks.{i}.ff" for i in range(4)} and chosen.error < 1e-5
+    x = ids(5)  # the tied graph itself computes the model's function (the merged FFs were permutations)
+    assert_same_function(gm, model, (x,), rtol=1e-5)

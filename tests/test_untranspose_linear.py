@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import applied, optimize_and_compare, skipped
+from conftest import applied, assert_same_function, optimize_and_compare, skipped
 from torch import nn
 
 import fxfuse
@@ -39,12 +39,16 @@ def test_data_free_needs_negative_axes():
     model = TokenMixing().eval()
     assert "rank is unknown" in skipped(fxfuse.report_of(fxfuse.optimize(model, **OPT_IN)), "untranspose_linear")[0].reason
     negative = TokenMixing(dims=(-1, -2)).eval()
-    assert fxfuse.report_of(fxfuse.optimize(negative, **OPT_IN)).applied
+    gm = fxfuse.optimize(negative, **OPT_IN)
+    assert fxfuse.report_of(gm).applied
+    assert_same_function(gm, negative, (torch.randn(3, 12, 7),))  # nothing checked it without inputs
 
 
 def test_exports_and_pickles(tmp_path):
     x = (torch.randn(2, 12, 5),)
-    gm = fxfuse.optimize(TokenMixing().eval(), x, **OPT_IN)
+    model = TokenMixing().eval()
+    gm = fxfuse.optimize(model, x, **OPT_IN)
+    assert_same_function(gm, model, x)
     assert fxfuse.export_onnx(gm, x, tmp_path / "t.onnx").error <= 1e-4
     torch.save(gm, tmp_path / "gm.pt")
     assert torch.equal(torch.load(tmp_path / "gm.pt", weights_only=False)(*x), gm(*x))
