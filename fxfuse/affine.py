@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import BATCHNORM_TYPES, Layer, is_batchnorm, is_identity, module_of
+from .graph import BATCHNORM_TYPES, Layer, is_batchnorm, is_identity, module_of, rank_of
 
 
 @dataclass
@@ -75,11 +75,11 @@ def batchnorm_problem(bn: nn.Module, layer: Layer) -> str | None:
     rank_needed = 2 if not layer.is_conv else layer.weight.dim()  # Linear: (N, C); ConvNd: (N, C, *spatial)
     if layer.is_conv and not isinstance(bn, nn.BatchNorm1d):
         return None  # BatchNorm2d/3d only accept batched input, whose channel axis is 1
-    meta = layer.node.meta.get("tensor_meta")
-    if meta is None:
+    rank = rank_of(layer.node)
+    if rank is None:
         return "without example inputs the rank of the layer's output is unknown, so BatchNorm's channel axis is not proven"
-    if len(meta.shape) != rank_needed:
-        return f"BatchNorm normalises axis 1 of a rank-{len(meta.shape)} tensor, not the layer's channel axis"
+    if rank != rank_needed:
+        return f"BatchNorm normalises axis 1 of a rank-{rank} tensor, not the layer's channel axis"
     return None
 
 

@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
-from .prepare import CollapsePair, collapse_pairs, slopes
+from .prepare import CollapsePair, collapse_pairs, prepared_pairs, slopes
 
 
 def collapse_regularizer(gm: fx.GraphModule, lc: float, pairs: Sequence[CollapsePair] | None = None) -> torch.Tensor:
     """Eq. 9 summed over the slopes of ``pairs`` (default all prepared): lc·Σ (1 − α)²."""
-    return lc * sum(((1 - a) ** 2).sum() for a in slopes(gm, pairs))
+    return lc * sum((((1 - a) ** 2).sum() for a in slopes(gm, pairs)), torch.zeros(()))
 
 
 def self_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
@@ -119,9 +119,7 @@ def finetune_collapse(prepared: fx.GraphModule, teacher: nn.Module, batches: Ite
         raise InputError(f"finetune_collapse needs epochs ≥ 1, lc > 0, threshold > 0; got {epochs}, {lc}, {threshold}.")
     _check_pull(lc, lr)  # before any training (AdamLC checks again at each step)
     tau = math.sqrt(threshold / lc) if tau is None else tau
-    pending = list(reversed(collapse_pairs(prepared)))  # last pair first
-    if not pending:
-        slopes(prepared)  # raises InputError: not prepared
+    pending = list(reversed(prepared_pairs(prepared)))  # last pair first
     groups = collapse_param_groups(prepared, 0.0, pending)
     optimizer = AdamLC(groups, lr=lr)
     by_pair = {g["pair"]: g for g in groups if "pair" in g}

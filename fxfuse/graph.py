@@ -99,6 +99,12 @@ def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
+def rank_of(node: fx.Node) -> int | None:
+    """The rank of ``node``'s value, known after shape propagation (example inputs), else None."""
+    meta = node.meta.get("tensor_meta")
+    return None if meta is None else len(meta.shape)
+
+
 def where(gm: fx.GraphModule, node: fx.Node) -> list[str]:
     """Module paths a node stands for in the user's model (kept across rewrites in meta)."""
     if "fxfuse_origin" in node.meta:

@@ -30,11 +30,11 @@ from torch import nn
 from .affine import batchnorm_problem, is_between_op
 from .capture import as_input_tuple, capture, check_inputs
 from .errors import InputError, UnsupportedModelError
-from .graph import Chain, as_layer, chain_where, find_chains, is_batchnorm, is_layer, module_of, replace_chain, tidy, where
+from .graph import Chain, as_layer, chain_where, find_chains, is_batchnorm, is_layer, module_of, rank_of, replace_chain, tidy, where
 
 ROLE_KEY = "fxfuse_collapse_pair"
 SKIPPED_KEY = "fxfuse_prepare_skipped"
-RELU_FUNCTIONS = {F.relu, torch.relu, F.gelu}
+ZERO_SLOPE_FUNCTIONS = {F.relu, torch.relu, F.gelu}  # ReLU, and GELU (which becomes ReLU first)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ def initial_slope(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | float | N
         return 0.0
     if isinstance(mod, nn.LeakyReLU):
         return float(mod.negative_slope)
-    if node.op == "call_function" and node.target in RELU_FUNCTIONS:
+    if (node.op == "call_function" and node.target in ZERO_SLOPE_FUNCTIONS) or (
+            node.op == "call_method" and node.target == "relu"):
         return 0.0
     if node.op == "call_function" and node.target is F.leaky_relu:
         return float(node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01))
@@ -138,8 +139,7 @@ def _new_prelu(gm: fx.GraphModule, chain: Chain, act: fx.Node, per_channel: bool
     keeps_slopes = isinstance(init, torch.Tensor) and init.numel() == first.out_channels  # an existing PReLU(C)
     channels = first.out_channels if per_channel or keeps_slopes else 1
     if channels > 1 and not keeps_slopes and not first.is_conv:
-        meta = act.meta.get("tensor_meta")
-        if meta is None or len(meta.shape) != 2:
+        if rank_of(act) != 2:
             return ("one slope per channel needs a rank-2 Linear output (PReLU's channel axis is 1): "
                     "pass example_inputs to prove the rank, or per_channel=False")
     if isinstance(init, torch.Tensor) and init.numel() not in (1, channels):
@@ -191,11 +191,15 @@ def collapse_pairs(gm: fx.GraphModule) -> list[CollapsePair]:
     return [n.meta[ROLE_KEY] for n in gm.graph.nodes if ROLE_KEY in n.meta]
 
 
+def prepared_pairs(gm: fx.GraphModule) -> list[CollapsePair]:
+    """``collapse_pairs(gm)``, or ``InputError`` when there is none (``gm`` was not prepared)."""
+    pairs = collapse_pairs(gm)
+    if not pairs:
+        raise InputError("the model has no prepared pairs: call fxfuse.prepare_collapse(model, ...) first "
+                         "and train the GraphModule it returns.")
+    return pairs
+
+
 def slopes(gm: fx.GraphModule, pairs: Sequence[CollapsePair] | None = None) -> list[nn.Parameter]:
     """The PReLU slope tensors α of ``pairs`` (default: every prepared pair, at least one)."""
-    if pairs is None:
-        pairs = collapse_pairs(gm)
-        if not pairs:
-            raise InputError("the model has no prepared pairs: call fxfuse.prepare_collapse(model, ...) first "
-                             "and train the GraphModule it returns.")
-    return [gm.get_submodule(p.slope).weight for p in pairs]
+    return [gm.get_submodule(p.slope).weight for p in (prepared_pairs(gm) if pairs is None else pairs)]

@@ -87,16 +87,21 @@ class Tie:
         _choice("select", self.selector, ("evaluate",) + MEASURES)
         if self.selector == "evaluate" and self.evaluate is None:
             raise InputError("Tie(select='evaluate') needs evaluate=callable(model) -> float (lower is better).")
-        removed_per_window = self.size if self.fuse == "drop" else self.size - 1
-        if self.windows is None and (self.remove < 1 or removed_per_window < 1 or self.remove % removed_per_window):
+        per_window = self.removed_per_window
+        if self.windows is None and (self.remove < 1 or per_window < 1 or self.remove % per_window):
             raise InputError(f"Tie(remove={self.remove}, window={self.window}): each window of {self.size} FFs "
-                             f"removes {removed_per_window}, which must divide remove ≥ 1. "
+                             f"removes {per_window}, which must divide remove ≥ 1. "
                              "Fix: pick window so that window − 1 divides remove "
                              "(window = remove + 1 for one group).")
 
     @property
+    def removed_per_window(self) -> int:
+        """FFs a window removes: all of them when dropped, all but one when merged."""
+        return self.size if self.fuse == "drop" else self.size - 1
+
+    @property
     def groups(self) -> int:
-        return self.remove // (self.size if self.fuse == "drop" else self.size - 1)
+        return self.remove // self.removed_per_window
 
 
 def run_tie(gm: fx.GraphModule, tie: Tie, example_inputs: tuple | None) -> list[Row]:
@@ -336,7 +341,7 @@ def _choice(name: str, value, allowed) -> None:
 
 
 def finetune(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, Any], torch.Tensor], steps: int,
-             lr: float = 1e-4, optimizer: torch.optim.Optimizer | None = None, progress: bool = True) -> list[float]:
+             lr: float = 1e-4, progress: bool = True) -> list[float]:
     """Recovery fine-tuning (Verma et al. Sec. 3.4): ``steps`` optimizer steps of ``loss_fn(model, batch)``
     over ``batches`` (cycled), model in train mode, then back to eval. A tied tensor is one
     Parameter used at several sites, so autograd gives it the sum of the sites' gradients.
@@ -344,7 +349,7 @@ def finetune(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, 
     batches = list(batches)
     if not batches or steps < 1:
         raise InputError("finetune needs at least one batch and steps ≥ 1.")
-    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
     bar = _progress(steps, progress)

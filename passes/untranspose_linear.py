@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxfuse.graph import as_layer, find_chains, is_linear
+from fxfuse.graph import as_layer, find_chains, is_linear, rank_of
 from fxfuse.modules import LeftLinear
 from fxfuse.pass_manager import Candidate, Options
 
@@ -35,10 +35,9 @@ def swaps_last_two(node: fx.Node) -> bool | None:
         return False
     if all(a < 0 for a in axes):
         return sorted(axes) == [-2, -1]
-    meta = node.meta.get("tensor_meta")
-    if meta is None:
+    rank = rank_of(node)
+    if rank is None:
         return None
-    rank = len(meta.shape)
     return sorted(a % rank for a in axes) == [rank - 2, rank - 1]
 
 

@@ -271,3 +271,21 @@ def test_timm_mixer_pairs_are_found_from_the_last_block():
     assert len(applied(fxfuse.report_of(gm), "collapse")) == 2
     with torch.no_grad():
         assert max_rel_error(gm(x), expected) <= 1e-5
+
+
+class MethodRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 64), nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x).relu())
+
+
+def test_relu_called_as_a_method_is_prepared():
+    model = MethodRelu().eval()
+    prepared = fxfuse.prepare_collapse(model)
+    assert len(fxfuse.collapse_pairs(prepared)) == 1
+    x = torch.randn(4, 8)
+    assert torch.allclose(prepared(x), model(x), atol=1e-6)  # ReLU as PReLU(0)
+    assert isinstance(fxfuse.collapse_regularizer(prepared, 1.0, []), torch.Tensor)
