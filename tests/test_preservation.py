@@ -1,4 +1,6 @@
 """What a rewrite must preserve: dtype, device, requires_grad, buffers, shared weights, hooks, names."""
+import copy
+
 import pytest
 import torch
 from conftest import optimize_and_compare, randomize_batchnorm
@@ -18,11 +20,16 @@ def test_half_precision_models_are_rewritten_and_stay_half(dtype):
     assert sorted(r.pass_name for r in report.applied) == ["collapse", "compose", "fold_batchnorm", "fold_batchnorm"]
     eps = torch.finfo(dtype).eps
     assert all(r.error <= 2 * eps for r in report.applied) and report.error <= 2 * eps
-    reference = demo_model().double()(*(x.double() for x in inputs))
-    optimized = gm(*inputs).double()
-    original = model(*inputs).double()
-    # the rewritten half model is about as far from float64 truth as the original half model
-    scale = reference.abs().max()
+    assert_as_close_to_truth_as_the_original(gm, model, demo_model(), inputs)
+
+
+def assert_as_close_to_truth_as_the_original(gm, model, full_precision_model, inputs):
+    """The rewritten half model is about as far from float64 truth (``full_precision_model`` in
+    float64) as the original half model."""
+    with torch.no_grad():
+        reference = copy.deepcopy(full_precision_model).double()(*(x.double() for x in inputs))
+        optimized, original = gm(*inputs).double(), model(*inputs).double()
+    scale, eps = reference.abs().max(), torch.finfo(inputs[0].dtype).eps
     assert (optimized - reference).abs().max() / scale <= 2 * ((original - reference).abs().max() / scale) + eps
 
 
@@ -104,10 +111,13 @@ def test_report_of_a_module_fxfuse_did_not_make():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_model_stays_on_cuda():
-    model = randomize_batchnorm(demo_model()).to("cuda", torch.bfloat16)
+    full = randomize_batchnorm(demo_model()).to("cuda")
+    model = copy.deepcopy(full).to(torch.bfloat16)
     inputs = tuple(x.to("cuda", torch.bfloat16) for x in demo_inputs())
     gm = fxfuse.optimize(model, inputs)
     assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16 for p in gm.parameters())
     assert len(fxfuse.report_of(gm).applied) == 4
     assert gm(*inputs).device.type == "cuda"
     assert fxfuse.report_of(gm).error <= 2 * torch.finfo(torch.bfloat16).eps
+    fresh = tuple(torch.randn_like(x) for x in inputs)
+    assert_as_close_to_truth_as_the_original(gm, model, full, fresh)
