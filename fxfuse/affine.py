@@ -19,10 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 from torch import nn
 
-from .graph import BATCHNORM_TYPES, Layer, is_batchnorm, is_identity, module_of, rank_of
+from .graph import kinds, rank_of
+from .ir import BATCHNORM, BETWEEN_KINDS, CONV_MODULES, IDENTITY, PRELU, BatchNormStats, ConvSpec, Op
 
 
 @dataclass
@@ -44,13 +44,13 @@ class ChannelAffine:
         return ChannelAffine(scale * self.scale, scale * self.shift + shift, self.exact, self.slope_deviation)
 
 
-def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def batchnorm_affine(bn: BatchNormStats) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BatchNorm as (s, t) in float64: s = γ/√(σ² + ε), t = β − μ·s."""
-    var = bn.running_var.double()
+    var = bn.var.double()
     scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.detach().double()
-    shift = -bn.running_mean.double() * scale
+    shift = -bn.mean.double() * scale
     if bn.bias is not None:
         shift = shift + bn.bias.detach().double()
     return scale, shift
@@ -64,18 +64,20 @@ def fold_into_weights(weight: torch.Tensor, bias: torch.Tensor | None,
     return s * weight.detach().double(), affine.scale * b + affine.shift
 
 
-def batchnorm_problem(bn: nn.Module, layer: Layer) -> str | None:
-    """Why ``bn`` cannot be folded as a per-channel affine of ``layer``'s output, or None."""
+def batchnorm_problem(bn: BatchNormStats, layer: Op) -> str | None:
+    """Why ``bn`` cannot be folded as a per-channel affine of ``layer``'s output, or None.
+
+    BatchNorm normalises axis 1. That is the layer's channel axis when the layer's output has rank 2
+    (Linear) or 2 + spatial dims (a batched ConvNd): proven by BatchNorm2d/3d's own rank check, by an
+    exported graph's static ranks, or by example inputs."""
     if bn.training:
-        return "BatchNorm is in training mode (uses batch statistics)"
-    if bn.running_mean is None:
-        return "BatchNorm has track_running_stats=False: it normalises by batch statistics even in eval mode"
+        return "BatchNorm uses batch statistics (training mode, or track_running_stats=False)"
     if bn.num_features != layer.out_channels:
         return f"BatchNorm has {bn.num_features} features, the layer {layer.out_channels} channels"
-    rank_needed = 2 if not layer.is_conv else layer.weight.dim()  # Linear: (N, C); ConvNd: (N, C, *spatial)
-    if layer.is_conv and not isinstance(bn, nn.BatchNorm1d):
-        return None  # BatchNorm2d/3d only accept batched input, whose channel axis is 1
-    rank = rank_of(layer.node)
+    rank_needed = layer.weight.dim() if layer.is_conv else 2  # ConvNd: (N, C, *spatial); Linear: (N, C)
+    if bn.rank is not None and bn.rank == rank_needed:
+        return None  # BatchNorm2d/3d accept only that rank
+    rank = rank_of(layer.output)
     if rank is None:
         return "without example inputs the rank of the layer's output is unknown, so BatchNorm's channel axis is not proven"
     if rank != rank_needed:
@@ -83,33 +85,30 @@ def batchnorm_problem(bn: nn.Module, layer: Layer) -> str | None:
     return None
 
 
-def affine_between(gm: fx.GraphModule, layer: Layer, middle: list[fx.Node], tau: float) -> ChannelAffine | str:
-    """The map the ``middle`` nodes apply to ``layer``'s output, or the reason it is not affine."""
+def affine_between(layer: Op, middle: list[Op], tau: float) -> ChannelAffine | str:
+    """The map the ``middle`` ops apply to ``layer``'s output, or the reason it is not affine."""
     affine = ChannelAffine.identity(layer.out_channels, layer.weight.device)
-    for node in middle:
-        mod = module_of(gm, node)
-        if is_identity(gm, node):
+    for op in middle:
+        if op.kind == IDENTITY:
             continue
-        if isinstance(mod, nn.PReLU):
-            deviation = (mod.weight.detach().double() - 1).abs().max().item()
+        if op.kind == PRELU:
+            deviation = (op.weight.detach().double() - 1).abs().max().item()
             if deviation > tau:
                 return f"PReLU slope max|α−1| = {deviation:.3g} > τ = {tau:g}: the activation is not linear"
             affine = ChannelAffine(affine.scale, affine.shift, affine.exact and deviation == 0,
                                    max(affine.slope_deviation, deviation))
-        elif isinstance(mod, BATCHNORM_TYPES):
-            problem = batchnorm_problem(mod, layer)
+        elif op.kind == BATCHNORM:
+            problem = batchnorm_problem(op.stats, layer)
             if problem:
                 return problem
-            affine = affine.then(*batchnorm_affine(mod))
+            affine = affine.then(*batchnorm_affine(op.stats))
         else:
-            return f"{node.name} is not a per-channel affine map"
+            return f"{op.output.name} is not a per-channel affine map"
     return affine
 
 
-def is_between_op(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Structurally a candidate between two layers: identity, dropout, PReLU or BatchNorm."""
-    prelu = isinstance(module_of(gm, node), nn.PReLU) and len(node.args) == 1
-    return prelu or is_identity(gm, node) or is_batchnorm(gm, node)
+# Structurally a candidate between two layers: identity, dropout, PReLU or BatchNorm.
+is_between_op = kinds(*BETWEEN_KINDS)
 
 
 def new_linear(weight: torch.Tensor, bias: torch.Tensor, like: torch.Tensor) -> nn.Linear:
@@ -118,14 +117,16 @@ def new_linear(weight: torch.Tensor, bias: torch.Tensor, like: torch.Tensor) -> 
     return _load(linear, weight, bias, like)
 
 
-def new_conv(conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor, **changes) -> nn.Module:
-    """A conv like ``conv`` (same class, padding mode, ...) with new weights and ``changes``."""
-    config = dict(in_channels=conv.in_channels, out_channels=weight.shape[0], kernel_size=tuple(weight.shape[2:]),
-                  stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                  padding_mode=conv.padding_mode)
+def new_conv(spec: ConvSpec, weight: torch.Tensor, bias: torch.Tensor, like: torch.Tensor, **changes) -> nn.Module:
+    """An ``nn.ConvNd`` with ``spec``'s geometry (padding mode, ...) updated by ``changes``, holding
+    float64 ``weight``/``bias`` cast back to ``like``'s dtype and device."""
+    config = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=spec.groups,
+                  padding_mode=spec.padding_mode)
     config.update(changes)
-    new = type(conv)(**config, bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
-    return _load(new, weight, bias, conv.weight)
+    conv_type = next(t for t, d in CONV_MODULES.items() if d == spec.dims)
+    new = conv_type(weight.shape[1] * config["groups"], weight.shape[0], tuple(weight.shape[2:]), **config,
+                    bias=True, device=like.device, dtype=like.dtype)
+    return _load(new, weight, bias, like)
 
 
 def _load(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor, like: torch.Tensor) -> nn.Module:

@@ -1,42 +1,48 @@
-"""Capture: validate the user's model and example inputs, copy the model, trace it with torch.fx.
+"""Capture: validate the user's model and example inputs, copy the model, and capture its graph.
 
-The user's model is never touched: tracing works on a deep copy, and the copy is what gets
-rewritten (``inplace=True`` skips the copy and rewrites the model's own modules).
+Two captures, one graph format for the rest of fxfuse (``torch.fx.GraphModule``):
+
+- ``"export"``: ``torch.export.export`` (non-strict), the graph of ATen ops that modern PyTorch
+  tooling is built on; batch (and, for integer inputs such as token ids, sequence) dimensions are
+  ``Dim.AUTO``, so the result runs at other sizes where the model allows it;
+- ``"fx"``: ``torch.fx.symbolic_trace``, a graph of the model's own modules and functions.
+
+``capture="auto"`` tries them in ``AUTO_ORDER`` (export first: it reaches more of the torchvision
+and timm zoos and every transformers 5 model; ``benchmarks/capture_zoo.py`` measures it). An
+``ExportedProgram``, the GraphModule of ``ep.module()`` and a symbolic-traced GraphModule are taken
+as they are. The user's model is never touched: capture works on a deep copy (``inplace=True``
+skips the copy).
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Sequence
+import inspect
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .errors import InputError, TraceError, UnsupportedModelError
+from .graph import DIALECT_KEY, dialect
+from .inputs import Inputs, as_inputs, describe_type
 from .pass_manager import propagate_shapes
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def as_input_tuple(example_inputs: Any) -> tuple | None:
-    """Normalise ``example_inputs`` (None, a tensor, or a sequence of tensors) to a tuple."""
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in example_inputs):
-        return tuple(example_inputs)
-    raise InputError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {_describe(example_inputs)}. "
-        "Pass the positional arguments of model.forward, e.g. (torch.randn(1, 3, 224, 224),)."
-    )
+CAPTURES = ("export", "fx")
+AUTO_ORDER = ("export", "fx")
+EAGER_KEY = "fxfuse_eager_output"  # gm.meta: the model's own outputs on the example inputs, before capture
 
 
 def check_model(model: Any) -> None:
-    """Raise a named error when ``model`` cannot be rewritten as it stands."""
+    """Raise a named error when ``model`` cannot be rewritten as it stands. An exported graph
+    carries its eval semantics in its ops (BatchNorm's and dropout's ``training`` arguments), so
+    only a module graph's ``training`` flag is checked."""
     if not isinstance(model, nn.Module):
-        raise InputError(f"fxfuse needs a torch.nn.Module, got {_describe(model)}.")
-    if model.training:
+        raise InputError(f"fxfuse needs a torch.nn.Module or a torch.export.ExportedProgram, got {describe_type(model)}.")
+    exported = isinstance(model, fx.GraphModule) and dialect(model) == "aten"
+    if model.training and not exported:
         raise UnsupportedModelError(
             f"{type(model).__name__} is in training mode. fxfuse's rewrites are inference-time "
             "(BatchNorm uses running statistics, Dropout is off): call model.eval() first."
@@ -72,39 +78,134 @@ def check_model(model: Any) -> None:
             )
 
 
-def capture(model: nn.Module, *, inplace: bool = False, leaf_modules: Iterable[type] = (),
-            concrete_args: dict | None = None) -> fx.GraphModule:
-    """Trace (a copy of) ``model`` into a GraphModule, turning trace failures into ``TraceError``.
-
-    A ``GraphModule`` (e.g. from ``transformers.utils.fx.symbolic_trace``) is used as it is (copied
-    unless ``inplace``), not traced again."""
+def capture(model: nn.Module | torch.export.ExportedProgram, inputs: Inputs | None = None, *, method: str = "auto",
+            inplace: bool = False, leaf_modules: Iterable[type] = (), concrete_args: dict | None = None) -> fx.GraphModule:
+    """The graph of (a copy of) ``model``: an ``ExportedProgram`` or a GraphModule as it is,
+    an ``nn.Module`` by ``method`` ("export", "fx", or "auto": ``AUTO_ORDER``, first that works).
+    ``leaf_modules``/``concrete_args`` are symbolic_trace's and imply "fx". ``gm.meta['fxfuse_capture']``
+    says which capture made the graph."""
+    if method not in ("auto", *CAPTURES):
+        raise InputError(f"capture={method!r}: pass 'auto', 'export' (torch.export) or 'fx' (torch.fx.symbolic_trace).")
+    if isinstance(model, torch.export.ExportedProgram):
+        model, inplace = model.module(), True  # a new module: nothing of the program is changed
     check_model(model)
     target = model if inplace else _copy(model)
     if isinstance(target, fx.GraphModule) and not leaf_modules and concrete_args is None:
-        return target  # already a graph (e.g. from transformers' HF tracer): retracing could lose what it handled
+        aten = dialect(target) == "aten"
+        target = plain_graph_module(target, type(target).__name__) if aten else target
+        target.meta["fxfuse_capture"] = "export" if aten else "fx"
+        return target  # already a graph: retracing could lose what its tracer handled
+    methods = ("fx",) if leaf_modules or concrete_args is not None else AUTO_ORDER if method == "auto" else (method,)
+    eager = None if inputs is None else run_model(target, inputs)
+    failures = []
+    for name in methods:
+        if name == "export" and inputs is None:
+            failures.append("export: needs example inputs (torch.export runs the model on them)")
+            continue
+        try:
+            gm = _export(target, inputs) if name == "export" else _trace(target, leaf_modules, concrete_args, inputs)
+        except Exception as e:  # torch raises many types (TraceError, TypeError, UserError, NotImplementedError ...)
+            failures.append(f"{name}: {type(e).__name__}: {_first_line(e)}")
+            continue
+        gm.meta["fxfuse_capture"] = name
+        if eager is not None:
+            gm.meta[EAGER_KEY] = eager
+        return gm
+    raise TraceError(f"could not capture {type(model).__name__}.forward ({'; '.join(failures)}).\n" + _capture_fix(model, failures))
+
+
+def _capture_fix(model: nn.Module, failures: list[str]) -> str:
+    text = " ".join(failures)
+    if "past_key_values" in text or "Cache" in text:
+        return ("Fix: turn the key/value cache off for capture (model.config.use_cache = False, or pass "
+                "use_cache=False in the example inputs).")
+    return ("Fix: pass example_inputs (torch.export needs them); for symbolic_trace, mark the submodule that holds "
+            "data-dependent control flow as a leaf (optimize(..., leaf_modules=[ThatModule])) or fix the offending "
+            "argument with optimize(..., concrete_args={'flag': value}).")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _export(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
+    """``torch.export.export`` (non-strict) with AUTO batch and sequence dims, then ``.module()``.
+    Refuses a model with forward hooks: export inlines their tensor ops and drops their Python side
+    effects, where symbolic_trace keeps an untouched hooked module as a call."""
+    hooked = [name or type(model).__name__ for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    if hooked:
+        raise TraceError(f"{hooked[0]} has forward hooks, which would stop running in an exported graph")
+    shapes = dynamic_shapes(model, inputs)
+    ep = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
+    return plain_graph_module(ep.module(), type(model).__name__)
+
+
+def plain_graph_module(gm: fx.GraphModule, name: str) -> fx.GraphModule:
+    """An ``ep.module()`` as a plain GraphModule that pickles, deep-copies and can be put in eval
+    mode: without export's input-guard call and its unpicklable hooks and tracer class (its shape
+    guards are checked again by the ops themselves)."""
+    for node in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
+        gm.graph.erase_node(node)
+    gm.graph._tracer_cls = None
+    plain = fx.GraphModule(gm, gm.graph, name)
+    plain.meta[DIALECT_KEY] = "aten"
+    return plain.eval()
+
+
+def dynamic_shapes(model: nn.Module, inputs: Inputs):
+    """Dim.AUTO on dim 0 of every tensor, and on dim 1 of integer tensors (token ids, masks),
+    keyed by the names of ``model.forward``'s parameters."""
+    def spec(x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        dims = {0: torch.export.Dim.AUTO}
+        if not x.is_floating_point() and x.dim() >= 2:
+            dims[1] = torch.export.Dim.AUTO
+        return dims
+    bound = inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
+    shapes = {}
+    for name, value in bound.arguments.items():
+        kind = inspect.signature(model.forward).parameters[name].kind
+        mapped = pytree.tree_map(spec, value)
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            shapes.update(mapped)
+        else:
+            shapes[name] = mapped
+    return shapes
+
+
+def _trace(target: nn.Module, leaf_modules, concrete_args: dict | None, inputs: Inputs | None) -> fx.GraphModule:
+    """``torch.fx`` symbolic tracing; ``None`` example arguments become concrete (``concrete_args``)."""
+    if inputs is not None and concrete_args is None:
+        bound = inspect.signature(target.forward).bind(*inputs.args, **inputs.kwargs)
+        concrete_args = {k: None for k, v in bound.arguments.items() if v is None} or None
     tracer = _LeafTracer(tuple(leaf_modules))
-    try:
-        graph = tracer.trace(target, concrete_args=concrete_args)
-    except Exception as e:  # torch raises several types (TraceError, TypeError, NotImplementedError)
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}.forward: {type(e).__name__}: {e}\n"
-            "Fix: mark the submodule that holds data-dependent control flow as a leaf "
-            "(optimize(..., leaf_modules=[ThatModule])), or fix the offending argument with "
-            "optimize(..., concrete_args={'flag': value})."
-        ) from e
-    name = type(target).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    graph = tracer.trace(target, concrete_args=concrete_args)
+    gm = fx.GraphModule(tracer.root, graph, type(target).__name__)
+    gm.meta[DIALECT_KEY] = "torch"
+    return gm
 
 
-def check_inputs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Any:
-    """Run the traced graph on ``example_inputs`` once, recording every node's shape
+def check_inputs(gm: fx.GraphModule, inputs: Inputs) -> Any:
+    """Run the captured graph on ``inputs`` once, recording every node's shape
     (``meta['tensor_meta']``); return its outputs or raise ``InputError``."""
     try:
-        return propagate_shapes(gm, example_inputs)
+        return propagate_shapes(gm, inputs)
     except Exception as e:
-        shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in example_inputs)
         raise InputError(
-            f"the model does not run on the example inputs ({shapes}): {type(e).__name__}: {e}\n"
+            f"the model does not run on the example inputs ({inputs.describe()}): {type(e).__name__}: {_first_line(e)}\n"
+            "Fix: pass inputs of the shape and dtype model.forward expects, on the model's device."
+        ) from e
+
+
+def run_model(model: nn.Module, inputs: Inputs) -> Any:
+    """``model(*args, **kwargs)`` without gradients, or ``InputError`` naming why it fails."""
+    try:
+        with torch.no_grad():
+            return inputs(model)
+    except Exception as e:
+        raise InputError(
+            f"the model does not run on the example inputs ({inputs.describe()}): {type(e).__name__}: {_first_line(e)}\n"
             "Fix: pass inputs of the shape and dtype model.forward expects, on the model's device."
         ) from e
 
@@ -142,5 +243,3 @@ def _copy(model: nn.Module) -> nn.Module:
         ) from e
 
 
-def _describe(obj: Any) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"

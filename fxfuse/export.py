@@ -12,9 +12,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .capture import as_input_tuple
+from .capture import dynamic_shapes
 from .errors import ExportError
 from .graph import rel_error
+from .inputs import Inputs, as_inputs
 
 
 @dataclass
@@ -52,13 +53,13 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     inputs and, with ``dynamic_batch`` (dim 0 of every input symbolic), at batch 1 and 7 too.
     ``baseline`` (e.g. the original model) is exported to a temporary file for comparison of node
     count and initializer bytes. ``opset`` None takes the exporter's default; the report says which."""
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     stats, opset_used = _export(module, inputs, Path(path), opset, dynamic_batch)
-    checks = [inputs] + [tuple(_with_batch(x, b) for x in inputs) for b in ((1, 7) if dynamic_batch else ())]
+    checks = [inputs] + [inputs.map(lambda x, b=b: _with_batch(x, b)) for b in ((1, 7) if dynamic_batch else ())]
     error = max(rel_error(run_onnxruntime(path, xs), _torch_outputs(module, xs)) for xs in checks)
     if not error <= rtol:
         raise ExportError(f"onnxruntime's output differs from torch's by {error:.2e} (> rtol {rtol:g}) for {path}")
-    report = ExportReport(stats, error, opset_used, [xs[0].shape[0] for xs in checks])
+    report = ExportReport(stats, error, opset_used, [xs.tensors()[0].shape[0] for xs in checks])
     if baseline is not None:
         with tempfile.TemporaryDirectory() as tmp:
             report.baseline, _ = _export(baseline, inputs, Path(tmp) / "baseline.onnx", opset, dynamic_batch)
@@ -70,13 +71,18 @@ def onnxruntime_runner(path: str | os.PathLike) -> Callable[[tuple], list[torch.
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
-    def run(inputs: tuple) -> list[torch.Tensor]:
-        feed = {name: x.detach().cpu().numpy() for name, x in zip(names, inputs)}
+    def run(inputs) -> list[torch.Tensor]:
+        inputs = as_inputs(inputs)
+        named = {k: v for k, v in inputs.kwargs.items() if isinstance(v, torch.Tensor) and k in names}
+        positional = [x for x in Inputs(inputs.args).tensors()] + [
+            x for k, v in inputs.kwargs.items() if k not in named for x in Inputs((v,)).tensors()]
+        named.update(zip([n for n in names if n not in named], positional))
+        feed = {name: named[name].detach().cpu().numpy() for name in names}
         return [torch.from_numpy(y) for y in session.run(None, feed)]
     return run
 
 
-def run_onnxruntime(path: str | os.PathLike, inputs: tuple) -> list[torch.Tensor]:
+def run_onnxruntime(path: str | os.PathLike, inputs) -> list[torch.Tensor]:
     """Outputs of the ONNX file at ``path`` on ``inputs``, by onnxruntime's CPU provider."""
     return onnxruntime_runner(path)(inputs)
 
@@ -88,16 +94,16 @@ def _with_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x[torch.arange(batch, device=x.device) % x.shape[0]]
 
 
-def _torch_outputs(module: nn.Module, inputs: tuple) -> list[torch.Tensor]:
+def _torch_outputs(module: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [y.cpu() for y in torch.utils._pytree.tree_leaves(module(*inputs))]
+        return [y.cpu() for y in torch.utils._pytree.tree_leaves(inputs(module))]
 
 
-def _export(module: nn.Module, inputs: tuple, path: Path, opset: int | None, dynamic_batch: bool):
-    dynamic = tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs) if dynamic_batch else None
+def _export(module: nn.Module, inputs: Inputs, path: Path, opset: int | None, dynamic_batch: bool):
+    dynamic = dynamic_shapes(module, inputs) if dynamic_batch else None
     try:
-        torch.onnx.export(module, inputs, str(path), dynamo=True, external_data=False, opset_version=opset,
-                          dynamic_shapes=dynamic, verbose=False)
+        torch.onnx.export(module, inputs.args, str(path), kwargs=inputs.kwargs or None, dynamo=True,
+                          external_data=False, opset_version=opset, dynamic_shapes=dynamic, verbose=False)
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:

@@ -1,9 +1,12 @@
-"""Matching and surgery on torch.fx graphs, shared by every pass.
+"""Matching and surgery on torch.fx graphs, shared by every pass, in either dialect.
 
-Matching is by module *type* (torch.fx's subgraph rewriter compares call_module targets by name,
-which cannot express "any Linear, then any PReLU"). A chain is a run of nodes in which each value
-feeds exactly one next node: ``first -> middle* -> last``. Only such single-user values are
-rewritten, so a hidden activation that is also read elsewhere is never changed.
+Matching is by what an op *is* (``fxfuse.ir.view``: a Linear is a Linear whether the graph holds
+``nn.Linear``, ``F.linear`` or ``aten.linear``), not by name. A chain is a run of ops in which
+each value feeds exactly one next op: ``first -> middle* -> last``. Only such single-user values
+are rewritten, so a hidden activation that is also read elsewhere is never changed.
+
+A replacement is emitted in the graph's own dialect: a ``call_module`` in module graphs, ATen ops
+on ``get_attr`` parameters in exported graphs (so the result re-exports and lowers to ONNX).
 """
 from __future__ import annotations
 
@@ -13,96 +16,31 @@ from typing import Callable, Iterator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
-DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from .ir import BATCHNORM, CONV, IDENTITY, LINEAR, Op, fetch_attr, module_of, view
 
-NodePredicate = Callable[[fx.GraphModule, fx.Node], bool]
+Matcher = Callable[[fx.GraphModule, fx.Node], "Op | None"]
+DIALECT_KEY = "fxfuse_dialect"  # gm.meta: "aten" (torch.export) or "torch" (symbolic_trace)
 
 
-def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The module a ``call_module`` node calls, else None."""
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def fetch_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A Linear or Conv as the math sees it: y = W ⋆ x + b, whatever form the graph holds."""
-
-    node: fx.Node
-    weight: torch.Tensor  # (out, in) or (out, in/groups, *kernel)
-    bias: torch.Tensor | None
-    conv: nn.Module | None = None  # the ConvNd module for convolutions (stride, padding, ...)
-
-    @property
-    def is_conv(self) -> bool:
-        return self.conv is not None
-
-    @property
-    def out_channels(self) -> int:
-        return self.weight.shape[0]
-
-
-def as_layer(gm: fx.GraphModule, node: fx.Node) -> Layer | None:
-    """View ``node`` as a Linear/Conv layer: ``nn.Linear``, ``F.linear`` on attributes, ``nn.ConvNd``."""
-    mod = module_of(gm, node)
-    if isinstance(mod, nn.Linear) and _single_input(node):
-        return Layer(node, mod.weight, mod.bias)
-    if isinstance(mod, CONV_TYPES) and _single_input(node):
-        return Layer(node, mod.weight, mod.bias, conv=mod)
-    if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
-        args = list(node.args) + [node.kwargs.get("weight"), node.kwargs.get("bias")][len(node.args) - 1:]
-        weight, bias = (args + [None, None])[1:3]
-        if _is_attr(weight) and (bias is None or _is_attr(bias)):
-            return Layer(node, fetch_attr(gm, weight.target), None if bias is None else fetch_attr(gm, bias.target))
-    return None
-
-
-def is_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return as_layer(gm, node) is not None
-
-
-def is_batchnorm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return isinstance(module_of(gm, node), BATCHNORM_TYPES) and _single_input(node)
-
-
-def is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
-    layer = as_layer(gm, node)
-    return layer is not None and not layer.is_conv
-
-
-def is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
-    layer = as_layer(gm, node)
-    return layer is not None and layer.is_conv
-
-
-def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """``nn.Identity`` and dropout in eval mode (modules, or functionals traced with training=False)."""
-    mod = module_of(gm, node)
-    if isinstance(mod, nn.Identity) or (isinstance(mod, DROPOUT_TYPES) and not mod.training):
-        return _single_input(node)
-    if node.op == "call_function" and node.target in DROPOUT_FUNCTIONS:
-        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-        return training is False
-    return False
+def kinds(*wanted: str) -> Matcher:
+    """A matcher for the ops of the ``wanted`` kinds (``fxfuse.ir``)."""
+    def match(gm: fx.GraphModule, node: fx.Node) -> Op | None:
+        op = view(gm, node)
+        return op if op is not None and op.kind in wanted else None
+    match.__name__ = "_".join(wanted)
+    return match
 
 
 def rank_of(node: fx.Node) -> int | None:
-    """The rank of ``node``'s value, known after shape propagation (example inputs), else None."""
+    """The rank of ``node``'s value: from shape propagation (example inputs) or, in exported
+    graphs, from the graph itself (``meta['val']``); else None."""
     meta = node.meta.get("tensor_meta")
-    return None if meta is None else len(meta.shape)
+    if meta is not None and hasattr(meta, "shape"):
+        return len(meta.shape)
+    val = node.meta.get("val")
+    return val.dim() if isinstance(val, torch.Tensor) else None
 
 
 def where(gm: fx.GraphModule, node: fx.Node) -> list[str]:
@@ -111,68 +49,153 @@ def where(gm: fx.GraphModule, node: fx.Node) -> list[str]:
         return list(node.meta["fxfuse_origin"])
     if node.op == "call_module":
         return [node.target]
-    layer = as_layer(gm, node)
-    if layer is not None:  # F.linear: name it by its weight attribute
-        return [node.args[1].target if len(node.args) > 1 else node.kwargs["weight"].target]
+    stack = node.meta.get("nn_module_stack")
+    if stack:  # exported graphs: the innermost module the op was called in
+        path = list(stack.values())[-1][0].split("@")[0]
+        if path:
+            return [path]
+    op = view(gm, node)
+    attr = next((a for a in node.all_input_nodes if a.op == "get_attr"), None) if op is not None else None
+    if attr is not None:  # F.linear on attributes: name it by its weight's owner
+        return [attr.target.rpartition(".")[0] or attr.target]
     return [node.name]
 
 
 @dataclass
 class Chain:
-    """``nodes[0] -> ... -> nodes[-1]``, each value read only by the next node."""
+    """``ops[0] -> ... -> ops[-1]``, each op's value read only by the next op."""
 
-    nodes: list[fx.Node]
+    ops: list[Op]
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        return [n for op in self.ops for n in op.nodes]
 
     @property
     def input(self) -> fx.Node:
-        return self.nodes[0].args[0]
+        return self.ops[0].input
 
     @property
-    def middle(self) -> list[fx.Node]:
-        return self.nodes[1:-1]
+    def output(self) -> fx.Node:
+        return self.ops[-1].output
+
+    @property
+    def first(self) -> Op:
+        return self.ops[0]
+
+    @property
+    def last(self) -> Op:
+        return self.ops[-1]
+
+    @property
+    def middle(self) -> list[Op]:
+        return self.ops[1:-1]
 
 
-def find_chains(gm: fx.GraphModule, is_first: NodePredicate, is_middle: NodePredicate,
-                is_last: NodePredicate) -> Iterator[tuple[Chain, str | None]]:
+def find_chains(gm: fx.GraphModule, first: Matcher, middle: Matcher,
+                last: Matcher) -> Iterator[tuple[Chain, str | None]]:
     """Every ``first -> middle* -> last`` chain in graph order, with ``None`` or a reason to skip it.
 
     A reason comes with a partial chain when the structure is there but a value on the way has
     other users; nodes that start no such chain yield nothing.
     """
-    for first in list(gm.graph.nodes):
-        if is_first(gm, first):
-            found = _follow(gm, first, is_middle, is_last)
+    for node in list(gm.graph.nodes):
+        op = first(gm, node)
+        if op is not None:
+            found = _follow(gm, op, middle, last)
             if found is not None:
                 yield found
 
 
-def _follow(gm, first: fx.Node, is_middle: NodePredicate, is_last: NodePredicate):
-    nodes, node = [first], first
+def _follow(gm, op: Op, middle: Matcher, last: Matcher):
+    ops = [op]
     while True:
-        users = list(node.users)
-        continuing = [u for u in users if u.args and u.args[0] is node and (is_middle(gm, u) or is_last(gm, u))]
-        if not continuing:
+        value = ops[-1].output
+        step = _next_op(gm, value, middle, last)
+        if step is None:
             return None
-        if len(users) > 1:
-            return Chain(nodes), f"{node.name} has {len(users)} users; rewriting it would change the others"
-        nodes.append(continuing[0])
-        if is_last(gm, continuing[0]):
-            return Chain(nodes), None
-        node = continuing[0]
+        nxt, is_last = step
+        users = set(value.users)
+        if not users <= set(nxt.nodes) or not _self_contained(nxt):
+            return Chain(ops), f"{value.name} has {len(users)} users; rewriting it would change the others"
+        ops.append(nxt)
+        if is_last:
+            return Chain(ops), None
+
+
+def _next_op(gm, value: fx.Node, middle: Matcher, last: Matcher) -> tuple[Op, bool] | None:
+    """The op reading ``value`` as its input, anchored at a user of ``value`` or one step further
+    (an op spelled as several nodes: ``_native_batch_norm_legit_no_training`` then ``getitem``)."""
+    near = list(value.users) + [w for u in value.users for w in u.users]
+    for anchor in dict.fromkeys(near):
+        for matcher, is_last in ((last, True), (middle, False)):
+            op = matcher(gm, anchor)
+            if op is not None and op.input is value:
+                return op, is_last
+    return None
+
+
+def _self_contained(op: Op) -> bool:
+    """No value computed inside a multi-node op is read outside it."""
+    inside = set(op.nodes)
+    return all(set(n.users) <= inside for n in op.nodes[:-1])
 
 
 def replace_chain(gm: fx.GraphModule, chain: Chain, module: nn.Module, suffix: str) -> fx.Node:
-    """Replace the chain's nodes by one call to ``module``; return the new node.
+    """Replace the chain's nodes by ``module`` applied to the chain's input; return the new node.
 
-    The module is registered beside the chain's first module (``blocks.0.fc1`` gives
-    ``blocks.0.fc1_<suffix>``); the new node inherits the last node's metadata (shape, dtype).
-    A chain replaced by ``nn.Identity`` is bypassed: its users read the chain's input.
+    The module is registered beside the chain's first layer (``blocks.0.fc1`` gives
+    ``blocks.0.fc1_<suffix>``) and emitted in the graph's dialect (``emit``); the new node inherits
+    the last node's metadata (shape, dtype). A chain replaced by ``nn.Identity`` is bypassed: its
+    users read the chain's input.
     """
     if isinstance(module, nn.Identity):
         return _bypass(gm, chain)
     name = _free_name(gm, where(gm, chain.nodes[0])[0].replace("_" + suffix, "") + "_" + suffix)
     gm.add_submodule(name, module)
-    return replace_nodes(gm, chain.nodes, chain.input, name, chain_where(gm, chain))
+    with gm.graph.inserting_before(chain.output.next):  # in order: get_attr nodes, then the op
+        new = emit(gm, name, chain.input)
+    return _take_over(gm, chain.nodes, new, chain_where(gm, chain))
+
+
+def emit(gm: fx.GraphModule, target: str, x: fx.Node) -> fx.Node:
+    """The node computing submodule ``target`` on ``x``, in the graph's dialect: a ``call_module``,
+    or in an exported graph ``aten.linear`` / ``aten.convNd`` on its parameters (``get_attr``)."""
+    module = gm.get_submodule(target)
+    if dialect(gm) != "aten" or type(module) not in ATEN_EMITTERS:
+        return gm.graph.call_module(target, (x,))
+    return ATEN_EMITTERS[type(module)](gm, target, module, x)
+
+
+def _emit_linear(gm, target: str, module: nn.Linear, x: fx.Node) -> fx.Node:
+    return gm.graph.call_function(torch.ops.aten.linear.default, (x, *_attrs(gm, target, module)))
+
+
+def _emit_conv(gm, target: str, module: nn.Module, x: fx.Node) -> fx.Node:
+    if module.padding_mode != "zeros":
+        return gm.graph.call_module(target, (x,))
+    dims = len(module.kernel_size)
+    padded = isinstance(module.padding, str)
+    function = getattr(torch.ops.aten, f"conv{dims}d").padding if padded else getattr(torch.ops.aten, f"conv{dims}d").default
+    padding = module.padding if padded else list(module.padding)
+    return gm.graph.call_function(function, (x, *_attrs(gm, target, module), list(module.stride), padding,
+                                             list(module.dilation), module.groups))
+
+
+def _attrs(gm, target: str, module: nn.Module) -> tuple:
+    weight = gm.graph.get_attr(f"{target}.weight")
+    return weight, None if module.bias is None else gm.graph.get_attr(f"{target}.bias")
+
+
+ATEN_EMITTERS = {nn.Linear: _emit_linear, nn.Conv1d: _emit_conv, nn.Conv2d: _emit_conv, nn.Conv3d: _emit_conv}
+
+
+def dialect(gm: fx.GraphModule) -> str:
+    """"aten" for graphs of ATen ops (torch.export), "torch" for module graphs (symbolic_trace)."""
+    if DIALECT_KEY not in gm.meta:
+        aten = any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.find_nodes(op="call_function"))
+        gm.meta[DIALECT_KEY] = "aten" if aten else "torch"
+    return gm.meta[DIALECT_KEY]
 
 
 def replace_nodes(gm: fx.GraphModule, nodes: list[fx.Node], input: fx.Node, target: str,
@@ -180,10 +203,14 @@ def replace_nodes(gm: fx.GraphModule, nodes: list[fx.Node], input: fx.Node, targ
     """Replace ``nodes`` (graph order, the last one's value their result, no value inside read
     outside) by ``call_module(target, (input,))``; the new node keeps the last node's shape and
     dtype metadata and records ``origin``. Dead get_attr nodes and their tensors go too."""
-    last = nodes[-1]
-    with gm.graph.inserting_after(last):
+    with gm.graph.inserting_after(nodes[-1]):
         new = gm.graph.call_module(target, (input,))
-    new.meta = {k: v for k, v in last.meta.items() if k in ("tensor_meta", "val", "type")}
+    return _take_over(gm, nodes, new, origin)
+
+
+def _take_over(gm: fx.GraphModule, nodes: list[fx.Node], new: fx.Node, origin: list[str]) -> fx.Node:
+    last = nodes[-1]
+    new.meta = {k: v for k, v in last.meta.items() if k in ("tensor_meta", "val", "type", "nn_module_stack")}
     new.meta["fxfuse_origin"] = origin
     last.replace_all_uses_with(new)
     _erase(gm, nodes)
@@ -191,23 +218,31 @@ def replace_nodes(gm: fx.GraphModule, nodes: list[fx.Node], input: fx.Node, targ
 
 
 def chain_where(gm: fx.GraphModule, chain: Chain) -> list[str]:
-    """Module paths of the chain's nodes, in order (the report's ``where``)."""
-    return [w for n in chain.nodes for w in where(gm, n)]
+    """Module paths of the chain's ops, in order (the report's ``where``)."""
+    return [w for op in chain.ops for w in where(gm, op.output)]
 
 
 def _bypass(gm: fx.GraphModule, chain: Chain) -> fx.Node:
-    chain.nodes[-1].replace_all_uses_with(chain.input)
+    chain.output.replace_all_uses_with(chain.input)
     _erase(gm, chain.nodes)
     return chain.input
 
 
 def _erase(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
-    for node in reversed(nodes):
-        attrs = [a for a in node.all_input_nodes if a.op == "get_attr"]
-        gm.graph.erase_node(node)
-        for a in attrs:
-            if not a.users:
-                _erase_attr_node(gm, a)
+    """Erase ``nodes`` (now unused), then what only they read: get_attr nodes (and their tensors,
+    unless a called module still holds them) and weight-side ops such as ``aten.t(weight)``."""
+    dead = list(reversed(nodes))
+    while dead:
+        node = dead.pop(0)
+        if node.users or node._erased:
+            continue
+        inputs = node.all_input_nodes
+        if node.op == "get_attr":
+            _erase_attr_node(gm, node)
+        else:
+            gm.graph.erase_node(node)
+        dead += [a for a in inputs if not a.users and a.op in ("get_attr", "call_function") and not a.is_impure()
+                 and a not in dead]
 
 
 def tidy(gm: fx.GraphModule) -> None:
@@ -231,19 +266,14 @@ def rel_error(new, ref) -> float:
 
 
 def _erase_attr_node(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Erase a dead get_attr node, and its tensor when no other node reads it."""
+    """Erase a dead get_attr node, and its tensor when no other node reads it: neither another
+    get_attr nor a call of the module that holds it (``F.linear(h, self.fc.weight)`` beside ``self.fc(x)``)."""
     gm.graph.erase_node(node)
-    if not gm.graph.find_nodes(op="get_attr", target=node.target):
-        owner, _, attr = node.target.rpartition(".")
+    owner, _, attr = node.target.rpartition(".")
+    called = any(owner == m.target or owner.startswith(m.target + ".") or not m.target
+                 for m in gm.graph.find_nodes(op="call_module"))
+    if not called and not gm.graph.find_nodes(op="get_attr", target=node.target):
         delattr(gm.get_submodule(owner), attr)
-
-
-def _single_input(node: fx.Node) -> bool:
-    return len(node.args) == 1 and not node.kwargs
-
-
-def _is_attr(arg) -> bool:
-    return isinstance(arg, fx.Node) and arg.op == "get_attr"
 
 
 def _free_name(gm: fx.GraphModule, name: str) -> str:

@@ -5,12 +5,15 @@ import copy
 import time
 from typing import Any, Iterable, Sequence
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from .capture import as_input_tuple, capture, check_inputs
-from .errors import InputError, UnsupportedModelError, VerificationError
+from .capture import capture as capture_graph
+from .capture import EAGER_KEY, check_inputs
+from .errors import InputError, TraceError, UnsupportedModelError, VerificationError
 from .graph import rel_error
+from .inputs import Inputs, as_inputs
 from .pass_manager import Options, Pass, full_precision, precision_floor, propagate_shapes, run_passes
 from .report import Report, count_macs, count_params
 from .tie import Tie, run_tie
@@ -18,11 +21,17 @@ from .tie import Tie, run_tie
 REPORT_ATTRIBUTE = "fxfuse_report"  # a plain attribute: GraphModule pickling keeps those, not ``meta``
 
 
-def optimize(model: nn.Module, example_inputs: Any = None, *, passes: Sequence[Pass] | None = None,
-             tau: float = 1e-4, force: bool = False, tolerance: float = 1e-5, conv_tolerance: float = 1e-4,
-             approx_tolerance: float = 1e-2, inplace: bool = False, leaf_modules: Iterable[type] = (),
-             concrete_args: dict | None = None, tie: Tie | None = None) -> fx.GraphModule:
+def optimize(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any = None, *,
+             passes: Sequence[Pass] | None = None, tau: float = 1e-4, force: bool = False, tolerance: float = 1e-5,
+             conv_tolerance: float = 1e-4, approx_tolerance: float = 1e-2, inplace: bool = False,
+             capture: str = "auto", leaf_modules: Iterable[type] = (), concrete_args: dict | None = None,
+             tie: Tie | None = None) -> fx.GraphModule:
     """Return a smaller ``GraphModule`` computing what ``model`` computes; ``report_of(gm)`` says how.
+
+    ``model``: an ``nn.Module`` (captured by ``capture``: "export" = torch.export, "fx" =
+    symbolic_trace, "auto" = the first that works, see ``fxfuse.capture``), an ``ExportedProgram``,
+    or a GraphModule (``ep.module()``, symbolic_trace). ``example_inputs``: a tensor, a tuple of
+    positional arguments (``None`` for optional ones) or a dict of keyword arguments.
 
     With ``example_inputs`` every rewrite is checked on the activations they produce (max relative
     error ≤ ``tolerance``; ``conv_tolerance`` for composed convs; ``approx_tolerance`` for PReLU
@@ -38,14 +47,20 @@ def optimize(model: nn.Module, example_inputs: Any = None, *, passes: Sequence[P
     from fxfuse.passes import DEFAULT_PASSES
 
     start = time.perf_counter()
-    inputs = as_input_tuple(example_inputs)
-    gm = capture(model, inplace=inplace, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    inputs = as_inputs(example_inputs)
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    gm = capture_graph(model, inputs, method=capture, inplace=inplace, leaf_modules=leaf_modules,
+                       concrete_args=concrete_args)
+    eager = gm.meta.pop(EAGER_KEY, None)
     options = Options(tau=tau, force=force, tolerance=tolerance, conv_tolerance=conv_tolerance,
                       approx_tolerance=approx_tolerance, data_free=inputs is None)
-    report, reference = Report(params_before=count_params(gm)), None
+    report, reference = Report(params_before=count_params(gm), capture=gm.meta["fxfuse_capture"]), None
     if inputs is not None:
         reference = check_inputs(gm, inputs)
         _refuse_random_output(gm, inputs, reference, tolerance)
+        if eager is not None:
+            _check_capture(gm, eager, reference, tolerance)
         report.macs_before = count_macs(gm)
     report.rows = run_passes(gm, DEFAULT_PASSES if passes is None else passes, options, inputs)
     report.params_after = count_params(gm)
@@ -95,13 +110,29 @@ def _check_end_to_end(gm: fx.GraphModule, model: nn.Module, inputs: tuple, refer
         )
 
 
-def _refuse_random_output(gm: fx.GraphModule, inputs: tuple, reference, tolerance: float) -> None:
+def _check_capture(gm: fx.GraphModule, eager, reference, tolerance: float) -> None:
+    """Raise ``TraceError`` when the captured graph does not compute what the model computes on the
+    example inputs (before any rewrite): a capture that dropped something (a hook, an in-place alias)."""
+    drift = rel_error(reference, eager)
+    if drift > max(tolerance, precision_floor(_dtype(gm))):
+        raise TraceError(
+            f"the {gm.meta['fxfuse_capture']} capture of the model computes something else than the model on the "
+            f"example inputs (max relative error {drift:.2e}): the capture dropped part of forward (hooks on the "
+            "root module, an in-place update through an alias, Python state). Fix: try the other capture "
+            "(capture='fx' or capture='export'), or move that logic out of forward.")
+
+
+def _dtype(gm: fx.GraphModule) -> torch.dtype:
+    return next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _refuse_random_output(gm: fx.GraphModule, inputs: Inputs, reference, tolerance: float) -> None:
     """Raise ``UnsupportedModelError`` when a second call of the captured model on the example
     inputs is further than ``tolerance`` (at least the dtype's precision floor) from the first
     (``reference``): then no rewrite can be checked against it."""
     with full_precision():
-        drift = rel_error(gm(*inputs), reference)
-    if drift > max(tolerance, precision_floor(next(gm.parameters()).dtype)):
+        drift = rel_error(propagate_shapes(gm, inputs), reference)
+    if drift > max(tolerance, precision_floor(_dtype(gm))):
         raise UnsupportedModelError(
             f"the model's output changes from one call to the next on the same inputs (by {drift:.2e}), so no "
             "rewrite can be checked against it: something in forward is random in eval mode, e.g. "
@@ -109,9 +140,13 @@ def _refuse_random_output(gm: fx.GraphModule, inputs: tuple, reference, toleranc
             "(F.dropout(x, p, self.training)).")
 
 
-def float64_errors(model: nn.Module, inputs: tuple, *outputs) -> list[float]:
-    """Max relative error of each of ``outputs`` against ``model`` computed in float64 on ``inputs``."""
-    exact = copy.deepcopy(model).double()
-    with full_precision():
-        truth = exact(*(x.double() if x.is_floating_point() else x for x in inputs))
+def float64_errors(model: nn.Module, inputs: Inputs, *outputs) -> list[float]:
+    """Max relative error of each of ``outputs`` against ``model`` computed in float64 on ``inputs``
+    (infinite when the model does not run in float64)."""
+    try:
+        exact = copy.deepcopy(model).double()
+        with full_precision():
+            truth = as_inputs(inputs).map(lambda x: x.double() if x.is_floating_point() else x)(exact)
+    except Exception:  # an exported graph may hold float32 casts or constants
+        return [float("inf")] * len(outputs)
     return [rel_error(out, truth) for out in outputs]

@@ -18,8 +18,10 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import PassError
-from .graph import Chain, chain_where, fetch_attr, rel_error, replace_chain, tidy
-from .report import Row, layer_macs, weight_macs
+from .graph import Chain, chain_where, rel_error, replace_chain, tidy
+from .inputs import as_inputs
+from .ir import fetch_attr
+from .report import Row, node_macs, weight_macs
 
 
 @dataclass
@@ -88,10 +90,11 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
             if values:
                 c.tolerance = max(c.tolerance, precision_floor(values[c.chain.input].dtype))
             error, bounds = _chain_error(interp, c, values[c.chain.input]) if values else (None, (None, None))
-            row = _row(gm, p.name, c, error)
+            accepted = error is None or error <= c.tolerance
+            row = _row(gm, p.name, c, error, accepted)
             row.bound_eq4, row.bound_proven = bounds
-            if error is not None and not error <= c.tolerance:
-                row.status, row.reason = "rejected", f"error {error:.2e} > tolerance {c.tolerance:g}"
+            if not accepted:
+                row.reason = f"error {error:.2e} > tolerance {c.tolerance:g}"
                 rejected.add(c.key)
             else:
                 row.reason = _warn_about_hooks(gm, c, p.name)
@@ -178,18 +181,24 @@ def full_precision():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
-def record(gm: fx.GraphModule, inputs: tuple, wanted: set) -> dict:
+def record(gm: fx.GraphModule, inputs, wanted: set) -> dict:
     """Run ``gm`` on ``inputs`` (no grad, no TF32), filling shapes; return the values of the ``wanted`` nodes."""
     recorder = _Recorder(gm, wanted)
-    with full_precision():
-        recorder.propagate(*inputs)
+    _run(recorder, gm, inputs)
     return recorder.values
 
 
-def propagate_shapes(gm: fx.GraphModule, inputs: tuple):
-    """Fill every node's ``meta['tensor_meta']``, in called GraphModules too; return the outputs."""
+def propagate_shapes(gm: fx.GraphModule, inputs):
+    """Fill every node's ``meta['tensor_meta']``, in called GraphModules too; return the outputs
+    (flat, as the graph's output node holds them)."""
+    return _run(NestedShapeProp(gm), gm, inputs)
+
+
+def _run(interpreter: fx.Interpreter, gm: fx.GraphModule, inputs):
+    """Run ``interpreter`` on the graph's placeholders (``Inputs.placeholders``): no input or output
+    processing, so an exported graph's pytree signature and a traced graph's keywords both work."""
     with full_precision():
-        return NestedShapeProp(gm).propagate(*inputs)
+        return interpreter.run(*as_inputs(inputs).placeholders(gm), enable_io_processing=False)
 
 
 def _chain_error(interp: fx.Interpreter, c: Candidate, x: torch.Tensor) -> tuple[float, tuple]:
@@ -199,30 +208,50 @@ def _chain_error(interp: fx.Interpreter, c: Candidate, x: torch.Tensor) -> tuple
     interp.env = {c.chain.input: x}
     with full_precision():
         for node in c.chain.nodes:
-            for arg in node.all_input_nodes:
-                if arg not in interp.env:  # get_attr nodes feeding F.linear
-                    interp.env[arg] = interp.run_node(arg)
-            interp.env[node] = interp.run_node(node)
-        ref = interp.env[c.chain.nodes[-1]]
+            _evaluate(interp, node)
+        ref = interp.env[c.chain.output]
         scale = max(ref.detach().double().abs().max().item(), 1e-30)
         bounds = (None, None) if c.bounds is None else tuple(b / scale for b in c.bounds(x))
         return rel_error(c.replacement(x), ref), bounds
 
 
-def _row(gm, pass_name: str, c: Candidate, error: float | None) -> Row:
-    macs = [layer_macs(gm, n) for n in c.chain.nodes]
-    macs = [m for m in macs if m is not None]
-    out_meta = c.chain.nodes[-1].meta.get("tensor_meta")
+def _evaluate(interp: fx.Interpreter, node: fx.Node) -> None:
+    """Run ``node`` in ``interp``, first whatever it reads that is not recorded yet (the get_attr
+    nodes feeding F.linear, an exported graph's ``aten.t(weight)``)."""
+    for arg in node.all_input_nodes:
+        if arg not in interp.env:
+            _evaluate(interp, arg)
+    interp.env[node] = interp.run_node(node)
+
+
+def _row(gm, pass_name: str, c: Candidate, error: float | None, accepted: bool) -> Row:
+    """The report row of a verified candidate; a rejected one shows the chain unchanged."""
+    macs = [node_macs(gm, n) for n in c.chain.nodes]
+    out_meta = c.chain.output.meta.get("tensor_meta")
     weight = getattr(c.replacement, "weight", None)
-    macs_after = None if out_meta is None else 0 if weight is None else weight_macs(out_meta.shape, weight)
-    return Row(pass_name, "applied", chain_where(gm, c.chain),
-               params_before=sum(p.numel() for n in c.chain.nodes for p in _params(gm, n)),
-               params_after=sum(p.numel() for p in c.replacement.parameters()),
-               macs_before=sum(macs) if macs and macs_after is not None else None, macs_after=macs_after,
-               error=error, exact=c.exact, tolerance=c.tolerance)
+    known = out_meta is not None and None not in macs
+    macs_before = sum(macs) if known else None
+    macs_after = None if not known else 0 if weight is None else weight_macs(out_meta.shape, weight)
+    params_before = sum(p.numel() for p in _params(gm, c.chain.nodes))
+    params_after = sum(p.numel() for p in c.replacement.parameters())
+    if not accepted:
+        params_after, macs_after = params_before, macs_before
+    return Row(pass_name, "applied" if accepted else "rejected", chain_where(gm, c.chain),
+               params_before=params_before, params_after=params_after, macs_before=macs_before,
+               macs_after=macs_after, error=error, exact=c.exact, tolerance=c.tolerance)
 
 
-def _params(gm: fx.GraphModule, node: fx.Node):
-    if node.op == "call_module":
-        yield from gm.get_submodule(node.target).parameters()
-    yield from (fetch_attr(gm, a.target) for a in node.all_input_nodes if a.op == "get_attr")
+def _params(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[torch.Tensor]:
+    """The parameters the chain's nodes read (modules they call, get_attr inputs), each once."""
+    found = {}
+    for node in nodes:
+        if node.op == "call_module":
+            found.update((id(p), p) for p in gm.get_submodule(node.target).parameters())
+        for a in node.all_input_nodes:
+            if a.op == "call_function" and a.args and isinstance(a.args[0], fx.Node):  # aten.t(weight)
+                a = a.args[0]
+            if a.op == "get_attr":
+                t = fetch_attr(gm, a.target)
+                if isinstance(t, nn.Parameter):
+                    found[id(t)] = t
+    return list(found.values())

@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .affine import batchnorm_problem, is_between_op
-from .capture import as_input_tuple, capture, check_inputs
+from .capture import EAGER_KEY, capture, check_inputs
 from .errors import InputError, UnsupportedModelError
-from .graph import Chain, as_layer, chain_where, find_chains, is_batchnorm, is_layer, module_of, rank_of, replace_chain, tidy, where
+from .graph import Chain, chain_where, find_chains, kinds, rank_of, replace_chain, tidy, where
+from .inputs import as_inputs
+from .ir import BATCHNORM, CONV, LINEAR, Op, module_of
 
 ROLE_KEY = "fxfuse_collapse_pair"
 SKIPPED_KEY = "fxfuse_prepare_skipped"
@@ -63,12 +65,21 @@ def initial_slope(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | float | N
     return None
 
 
-def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return bool(node.args) and isinstance(node.args[0], fx.Node) and initial_slope(gm, node) is not None
+ACTIVATION = "activation"
 
 
-def _is_middle(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return is_between_op(gm, node) or is_activation(gm, node)
+def activation(gm: fx.GraphModule, node: fx.Node) -> Op | None:
+    """``node`` as an activation a PReLU can stand for (``initial_slope``), else None."""
+    if node.args and isinstance(node.args[0], fx.Node) and initial_slope(gm, node) is not None:
+        return Op(ACTIVATION, (node,), node.args[0])
+    return None
+
+
+def _middle(gm: fx.GraphModule, node: fx.Node) -> Op | None:
+    return activation(gm, node) or is_between_op(gm, node)  # a PReLU is an activation to prepare
+
+
+is_layer = kinds(LINEAR, CONV)
 
 
 def pair_gain(gm: fx.GraphModule, chain: Chain) -> float | str:
@@ -77,9 +88,9 @@ def pair_gain(gm: fx.GraphModule, chain: Chain) -> float | str:
     from fxfuse.passes.collapse_linear import collapse_gain
     from fxfuse.passes.compose_conv import compose_gain, composed_shape, composition_problem
 
-    first, second = as_layer(gm, chain.nodes[0]), as_layer(gm, chain.nodes[-1])
-    problem = next(filter(None, (batchnorm_problem(module_of(gm, n), first) for n in chain.middle
-                                 if is_batchnorm(gm, n))), None)
+    first, second = chain.first, chain.last
+    problem = next(filter(None, (batchnorm_problem(op.stats, first) for op in chain.middle
+                                 if op.kind == BATCHNORM)), None)
     if problem:  # optimize would not fold it, so the trained pair would never collapse
         return problem
     if first.is_conv != second.is_conv:
@@ -87,16 +98,16 @@ def pair_gain(gm: fx.GraphModule, chain: Chain) -> float | str:
     if not first.is_conv:
         (n_hidden, n_in), n_out = first.weight.shape, second.weight.shape[0]
         return collapse_gain(n_in, n_hidden, n_out)
-    return composition_problem(first.conv, second.conv) or compose_gain(first.weight, second.weight,
-                                                                         composed_shape(first, second))
+    return composition_problem(first, second) or compose_gain(first.weight, second.weight,
+                                                              composed_shape(first, second))
 
 
-def _candidates(gm: fx.GraphModule) -> tuple[list[tuple[Chain, fx.Node, float]], list[tuple[list[str], str]]]:
-    """(chain, activation node, gain) for every collapsible pair, and the (where, reason) of the others."""
+def _candidates(gm: fx.GraphModule) -> tuple[list[tuple[Chain, Op, float]], list[tuple[list[str], str]]]:
+    """(chain, activation op, gain) for every collapsible pair, and the (where, reason) of the others."""
     pairs, skipped = [], []
-    for chain, reason in find_chains(gm, is_layer, _is_middle, is_layer):
+    for chain, reason in find_chains(gm, is_layer, _middle, is_layer):
         names = chain_where(gm, chain)
-        acts = [n for n in chain.middle if is_activation(gm, n)]
+        acts = [op for op in chain.middle if op.kind == ACTIVATION]
         if reason or len(acts) > 1:
             skipped.append((names, reason or f"{len(acts)} activations between the layers"))
             continue
@@ -135,7 +146,7 @@ def _select(gm: fx.GraphModule, pairs: list, which) -> list:
 
 def _new_prelu(gm: fx.GraphModule, chain: Chain, act: fx.Node, per_channel: bool) -> nn.PReLU | str:
     """The PReLU for ``act``: one slope, or one per hidden channel (PReLU's channel axis is 1)."""
-    first, init = as_layer(gm, chain.nodes[0]), initial_slope(gm, act)
+    first, init = chain.first, initial_slope(gm, act)
     keeps_slopes = isinstance(init, torch.Tensor) and init.numel() == first.out_channels  # an existing PReLU(C)
     channels = first.out_channels if per_channel or keeps_slopes else 1
     if channels > 1 and not keeps_slopes and not first.is_conv:
@@ -163,8 +174,9 @@ def prepare_collapse(model: nn.Module, example_inputs: Any = None, *, which: str
     changes slightly; ReLU, LeakyReLU and PReLU are kept exactly. The pairs are in
     ``collapse_pairs(gm)``, the ones left alone with their reasons in ``gm.meta['fxfuse_prepare_skipped']``.
     """
-    inputs = as_input_tuple(example_inputs)
-    gm = capture(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    inputs = as_inputs(example_inputs)
+    gm = capture(model, inputs, method="fx", leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm.meta.pop(EAGER_KEY, None)
     if inputs is not None:
         check_inputs(gm, inputs)  # also fills the shapes (tensor_meta) that per_channel needs
     pairs, skipped = _candidates(gm)
@@ -175,7 +187,7 @@ def prepare_collapse(model: nn.Module, example_inputs: Any = None, *, which: str
             "(n_hidden > n_in·n_out/(n_in + n_out)) and their hidden values have no other user.")
     for chain, act, gain in _select(gm, pairs, which):
         names = tuple(chain_where(gm, chain))
-        prelu = _new_prelu(gm, chain, act, per_channel)
+        prelu = _new_prelu(gm, chain, act.output, per_channel)
         if isinstance(prelu, str):
             skipped.append((list(names), prelu))
             continue

@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import as_layer, module_of
+from .ir import CONV, LINEAR, module_of, view
 from .modules import LeftLinear
 
 
@@ -45,6 +45,7 @@ class Report:
     error_vs_float64: float | None = None  # set when `error` exceeded the tolerances: optimized vs float64 original
     original_vs_float64: float | None = None  # ... and the original's own distance from its float64 self
     seconds: float = 0.0
+    capture: str = ""  # how the graph was captured: "export" (torch.export) or "fx" (symbolic_trace)
     tie_error: float | None = None  # end-to-end after the (approximate, opt-in) tie step
 
     @property
@@ -80,7 +81,7 @@ class Report:
         lines.append("-" * len(head))
         lines.append(f"{'model':<16} {len(self.applied):>3} applied {_arrow(self.params_before, self.params_after):>21} "
                      f"{_arrow(self.macs_before, self.macs_after):>25} {_num(self.error):>9}  "
-                     f"{len(self.skipped)} skipped, {self.seconds:.2f} s")
+                     f"{len(self.skipped)} skipped, {self.seconds:.2f} s, {self.capture} capture")
         if self.error_vs_float64 is not None:
             lines.append(f"against the float64 original: optimized {self.error_vs_float64:.2e}, "
                          f"original {self.original_vs_float64:.2e} (float32 rounding amplified downstream)")
@@ -97,14 +98,32 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def layer_macs(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    """Multiply-accumulates of a Linear/Conv/LeftLinear node: output elements × (in/groups · kernel volume)."""
-    layer = as_layer(gm, node)
-    weight = layer.weight if layer is not None else getattr(module_of(gm, node), "weight", None)
+def node_macs(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """Multiply-accumulates of one node (None when its shapes are unknown): a Linear or Conv in any
+    dialect (``fxfuse.ir``), ``LeftLinear`` or HF ``Conv1D``: output
+    elements × (in/groups · kernel volume); a matmul, ``addmm``, ``bmm``: output elements × the
+    contracted dim; attention: Q·Kᵀ plus A·V; a called GraphModule (a tied FF): its own nodes'."""
+    module = module_of(gm, node)
+    if isinstance(module, fx.GraphModule):
+        return count_macs(module)
+    op = view(gm, node)
+    if op is not None and op.kind in (LINEAR, CONV):
+        contracted = op.weight[0].numel()
+    elif module is not None:
+        contracted = _module_contraction(module)
+    else:
+        return 0 if op is not None else _product_macs(node)
     meta = node.meta.get("tensor_meta")
-    if weight is None or meta is None:
-        return None
-    return weight_macs(meta.shape, weight)
+    return 0 if not contracted else None if meta is None else _numel(meta.shape) * contracted
+
+
+def _module_contraction(module: nn.Module) -> int:
+    """Products per output element of a weighted module fxfuse knows (0 for the others)."""
+    if isinstance(module, LeftLinear):
+        return module.weight.shape[1]
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # HF GPT-2: (in, out)
+        return module.weight.shape[0]
+    return 0
 
 
 def weight_macs(out_shape, weight) -> int:
@@ -112,7 +131,11 @@ def weight_macs(out_shape, weight) -> int:
     return _numel(out_shape) * _numel(weight.shape[1:])
 
 
-MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
+aten = torch.ops.aten
+MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm, torch.mm, torch.addmm, torch.baddbmm, "matmul", "bmm", "mm",
+                  aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default}
+ATTENTION_TARGETS = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default,
+                     aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
 def count_macs(gm: fx.GraphModule) -> int | None:
@@ -120,34 +143,33 @@ def count_macs(gm: fx.GraphModule) -> int | None:
     shapes); a called GraphModule (a tied FF) counts once per call."""
     total = 0
     for node in gm.graph.nodes:
-        module = module_of(gm, node)
-        macs = (count_macs(module) if isinstance(module, fx.GraphModule) else
-                layer_macs(gm, node) if _is_weighted_product(gm, node) else _product_macs(node))
+        macs = node_macs(gm, node)
         if macs is None:
             return None
         total += macs
     return total
 
 
-def _is_weighted_product(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return as_layer(gm, node) is not None or isinstance(module_of(gm, node), LeftLinear)
-
-
 def _product_macs(node: fx.Node) -> int | None:
     """matmul: output elements × contracted dim; attention: Q·Kᵀ plus A·V."""
-    if node.op not in ("call_function", "call_method") or not (
-            node.target in MATMUL_TARGETS or node.target is F.scaled_dot_product_attention):
+    if node.op not in ("call_function", "call_method"):
         return 0
-    shapes = [getattr(a.meta.get("tensor_meta"), "shape", None) for a in node.args[:3] if isinstance(a, fx.Node)]
-    if node.target in MATMUL_TARGETS and len(shapes) >= 2:
-        out = node.meta.get("tensor_meta")
-        return None if out is None or shapes[0] is None else _numel(out.shape) * int(shapes[0][-1])
-    if node.target is F.scaled_dot_product_attention:
-        if None in shapes:
+    if node.target in MATMUL_TARGETS:
+        operands = node.args[1:3] if node.target in (torch.addmm, torch.baddbmm, aten.addmm.default,
+                                                     aten.baddbmm.default) else node.args[:2]
+        left, out = _shape(operands[0]) if operands else None, node.meta.get("tensor_meta")
+        return None if left is None or out is None else _numel(out.shape) * int(left[-1])
+    if node.target in ATTENTION_TARGETS:
+        q, k, v = (_shape(node.kwargs.get(name, a)) for name, a in zip(("query", "key", "value"), (*node.args[:3], None, None, None)))
+        if None in (q, k, v):
             return None
-        q, k, v = shapes
         return _numel(q[:-1]) * int(k[-2]) * (int(q[-1]) + int(v[-1]))
     return 0
+
+
+def _shape(arg):
+    meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None
+    return getattr(meta, "shape", None)
 
 
 def _numel(shape) -> int:

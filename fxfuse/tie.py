@@ -27,7 +27,8 @@ import torch.fx as fx
 from torch import nn
 
 from .alignment import FeatureStats, FFWeights, average, cross_correlation, match_permutation, mix, permute
-from .capture import as_input_tuple, capture
+from .capture import capture
+from .inputs import as_inputs
 from .errors import InputError
 from .graph import rel_error
 from .pass_manager import full_precision, precision_floor, record
@@ -200,7 +201,7 @@ def _pairs(tie: Tie, windows) -> dict[int, set]:
 
 def _batches(tie: Tie, example_inputs) -> list[tuple]:
     source = tie.calibration if tie.calibration is not None else ([example_inputs] if example_inputs else [])
-    batches = [as_input_tuple(b) for b in source]
+    batches = [b for b in source if as_inputs(b) is not None]  # as_inputs names a batch it cannot take
     if not batches:
         raise InputError("Tie needs data for its features: "
                          "pass Tie(calibration=batches) or example_inputs to optimize.")
@@ -378,14 +379,13 @@ def feedforward_cka(model: nn.Module, batches: Iterable,
     streaming float64 sums over ``batches``. Returns the L×L matrix and the FFs' names."""
     from fxfuse.passes.tie_feedforward import find_feedforwards
 
-    gm = model if isinstance(model, fx.GraphModule) else capture(model, inplace=True)  # read only: no copy
+    gm = model if isinstance(model, fx.GraphModule) else capture(model, method="fx", inplace=True)  # read only: no copy
     ffs = find_feedforwards(gm)
     if not ffs:
         raise InputError(f"{type(model).__name__} has no feed-forward sublayer (Linear → act → Linear, SwiGLU, "
                          "Conv1D) to compare.")
     n, sums, cross = 0, None, None
     for batch in batches:
-        batch = as_input_tuple(batch)
         values = record(gm, batch, {ff.y for ff in ffs})
         m = mask(batch) if mask is not None else None
         outs = [_rows_of(values[ff.y], m).double() for ff in ffs]

@@ -22,11 +22,13 @@ from functools import partial
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from fxfuse.affine import affine_between, fold_into_weights, is_between_op, new_linear
-from fxfuse.graph import Layer, as_layer, find_chains, is_batchnorm, is_linear, module_of
+from fxfuse.graph import find_chains, kinds
+from fxfuse.ir import BATCHNORM, LINEAR, PRELU, Op
 from fxfuse.pass_manager import Candidate, Options
+
+is_linear = kinds(LINEAR)
 
 
 def collapse_gain(n_in: int, n_hidden: int, n_out: int) -> float:
@@ -53,7 +55,7 @@ def collapse_error_bounds(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.T
     return c ** 0.5 * deviation, deviation * sigma(w2) * (sigma(w1) * x_norm + b1.norm().item())
 
 
-def _bounds_on(first: Layer, second: Layer, deviation: float, x: torch.Tensor) -> tuple[float, float]:
+def _bounds_on(first: Op, second: Op, deviation: float, x: torch.Tensor) -> tuple[float, float]:
     """``collapse_error_bounds`` with |x^δ| the largest input norm among the recorded samples (δ → 0)."""
     x_norm = x.detach().double().reshape(-1, first.weight.shape[1]).norm(dim=1).max().item()
     return collapse_error_bounds(first.weight, first.bias, second.weight, x_norm, deviation)
@@ -68,10 +70,10 @@ class CollapseLinear:
             if reason:
                 found.append(Candidate(chain, reason=reason))
                 continue
-            first, second = as_layer(gm, chain.nodes[0]), as_layer(gm, chain.nodes[-1])
+            first, second = chain.first, chain.last
             (n_hidden, n_in), n_out = first.weight.shape, second.weight.shape[0]
             gain = collapse_gain(n_in, n_hidden, n_out)
-            affine = affine_between(gm, first, chain.middle, options.tau)
+            affine = affine_between(first, chain.middle, options.tau)
             if isinstance(affine, str):
                 found.append(Candidate(chain, reason=affine))
             elif gain <= 0 and not options.force:
@@ -83,8 +85,8 @@ class CollapseLinear:
                 bias = w2 @ b1 + (0 if second.bias is None else second.bias.detach().double())
                 module = new_linear(w2 @ w1, bias, first.weight)
                 # the bounds are derived for Linear → one PReLU → Linear: none through BatchNorm or two PReLUs
-                plain = (not any(is_batchnorm(gm, n) for n in chain.middle)
-                         and sum(isinstance(module_of(gm, n), nn.PReLU) for n in chain.middle) <= 1)
+                plain = (not any(op.kind == BATCHNORM for op in chain.middle)
+                         and sum(op.kind == PRELU for op in chain.middle) <= 1)
                 bounds = partial(_bounds_on, first, second, affine.slope_deviation) if plain else None
                 found.append(Candidate(chain, module, exact=affine.exact,
                                        tolerance=options.tolerance if affine.exact else options.approx_tolerance,

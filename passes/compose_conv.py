@@ -27,17 +27,19 @@ import torch.fx as fx
 from torch import nn
 
 from fxfuse.affine import ChannelAffine, affine_between, fold_into_weights, is_between_op, new_conv
-from fxfuse.graph import Layer, as_layer, find_chains, is_conv
+from fxfuse.graph import find_chains, kinds
+from fxfuse.ir import CONV, Op
 from fxfuse.pass_manager import Candidate, Options
 
 
-def symmetric_padding(conv) -> tuple[int, ...] | None:
+def symmetric_padding(conv: Op) -> tuple[int, ...] | None:
     """Per-dim padding of ``conv`` as numbers; None for an asymmetric 'same' padding."""
-    if not isinstance(conv.padding, str):
-        return tuple(conv.padding)
-    if conv.padding == "valid":
-        return (0,) * len(conv.kernel_size)
-    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    padding, kernel = conv.conv.padding, conv.weight.shape[2:]
+    if not isinstance(padding, str):
+        return tuple(padding)
+    if padding == "valid":
+        return (0,) * len(kernel)
+    totals = [d * (k - 1) for d, k in zip(conv.conv.dilation, kernel)]
     return tuple(t // 2 for t in totals) if all(t % 2 == 0 for t in totals) else None
 
 
@@ -66,11 +68,12 @@ def composed_groups(c1, c2) -> int:
     return c1.groups if c1.groups == c2.groups else 1
 
 
-def composed_shape(first: Layer, second: Layer) -> tuple[int, ...]:
+def composed_shape(first: Op, second: Op) -> tuple[int, ...]:
     """The single conv's weight shape (out, in / groups, *kernel), known before composing."""
     c1, c2 = first.conv, second.conv
-    size = composed_size(c1.kernel_size, c2.kernel_size, c1.stride, c1.dilation, c2.dilation)
-    return (c2.out_channels, c1.in_channels // composed_groups(c1, c2), *size)
+    size = composed_size(first.weight.shape[2:], second.weight.shape[2:], c1.stride, c1.dilation, c2.dilation)
+    in_channels = first.weight.shape[1] * c1.groups
+    return (second.out_channels, in_channels // composed_groups(c1, c2), *size)
 
 
 def compose_kernels(w1: torch.Tensor, w2: torch.Tensor, stride1, dilation1, dilation2) -> torch.Tensor:
@@ -89,18 +92,19 @@ def compose_gain(w1: torch.Tensor, w2: torch.Tensor, composed_shape: Sequence[in
     return 1 - math.prod(composed_shape) / (w1.numel() + w2.numel())
 
 
-def composition_problem(c1, c2) -> str | None:
-    """Why ``c2 ∘ c1`` is not one exact conv, or None."""
-    if type(c1) is not type(c2):
-        return f"{type(c1).__name__} → {type(c2).__name__}: different dimensionality"
-    if symmetric_padding(c2) != (0,) * len(c2.kernel_size):
+def composition_problem(first: Op, second: Op) -> str | None:
+    """Why ``second ∘ first`` is not one exact conv, or None."""
+    c1, c2 = first.conv, second.conv
+    if c1.dims != c2.dims:
+        return f"Conv{c1.dims}d → Conv{c2.dims}d: different dimensionality"
+    if symmetric_padding(second) != (0,) * c2.dims:
         return f"the second conv pads the hidden map (padding={c2.padding!r}); composing would change the borders"
-    if symmetric_padding(c1) is None:
+    if symmetric_padding(first) is None:
         return f"the first conv's padding {c1.padding!r} is asymmetric"
     return None
 
 
-def compose_convs(first: Layer, second: Layer, affine: ChannelAffine) -> nn.Module:
+def compose_convs(first: Op, second: Op, affine: ChannelAffine) -> nn.Module:
     """The single conv computing ``second(affine(first(x)))`` (see the module docstring)."""
     c1, c2 = first.conv, second.conv
     w1, b1 = fold_into_weights(first.weight, first.bias, affine)
@@ -111,7 +115,8 @@ def compose_convs(first: Layer, second: Layer, affine: ChannelAffine) -> nn.Modu
     if second.bias is not None:
         bias = bias + second.bias.detach().double()
     stride = tuple(a * b for a, b in zip(c1.stride, c2.stride))
-    return new_conv(c1, kernel, bias, stride=stride, padding=symmetric_padding(c1), dilation=1, groups=groups)
+    return new_conv(c1, kernel, bias, first.weight, stride=stride, padding=symmetric_padding(first), dilation=1,
+                    groups=groups)
 
 
 class ComposeConv:
@@ -119,10 +124,10 @@ class ComposeConv:
 
     def candidates(self, gm: fx.GraphModule, options: Options) -> list[Candidate]:
         found = []
-        for chain, reason in find_chains(gm, is_conv, is_between_op, is_conv):
-            first, second = as_layer(gm, chain.nodes[0]), as_layer(gm, chain.nodes[-1])
-            reason = reason or composition_problem(first.conv, second.conv)
-            affine = reason or affine_between(gm, first, chain.middle, options.tau)
+        for chain, reason in find_chains(gm, kinds(CONV), is_between_op, kinds(CONV)):
+            first, second = chain.first, chain.last
+            reason = reason or composition_problem(first, second)
+            affine = reason or affine_between(first, chain.middle, options.tau)
             if isinstance(affine, str):
                 found.append(Candidate(chain, reason=affine))
                 continue

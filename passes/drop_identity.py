@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from fxfuse.graph import Chain, is_identity
+from fxfuse.graph import Chain
+from fxfuse.ir import IDENTITY, view
 from fxfuse.pass_manager import Candidate, Options
 
 
@@ -18,5 +19,6 @@ class DropIdentity:
     name = "drop_identity"
 
     def candidates(self, gm: fx.GraphModule, options: Options) -> list[Candidate]:
-        return [Candidate(Chain([node]), nn.Identity(), tolerance=0.0) for node in gm.graph.nodes
-                if is_identity(gm, node) and isinstance(node.args[0], fx.Node)]
+        ops = [view(gm, node) for node in gm.graph.nodes]
+        return [Candidate(Chain([op]), nn.Identity(), tolerance=0.0) for op in ops
+                if op is not None and op.kind == IDENTITY]

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxfuse.affine import ChannelAffine, batchnorm_affine, batchnorm_problem, fold_into_weights, new_conv, new_linear
-from fxfuse.graph import as_layer, find_chains, is_batchnorm, is_identity, is_layer, module_of
+from fxfuse.graph import find_chains, kinds
+from fxfuse.ir import BATCHNORM, CONV, IDENTITY, LINEAR
 from fxfuse.pass_manager import Candidate, Options
 
 
@@ -23,17 +24,17 @@ class FoldBatchNorm:
 
     def candidates(self, gm: fx.GraphModule, options: Options) -> list[Candidate]:
         found = []
-        for chain, reason in find_chains(gm, is_layer, is_identity, is_batchnorm):
+        for chain, reason in find_chains(gm, kinds(LINEAR, CONV), kinds(IDENTITY), kinds(BATCHNORM)):
             if reason:
                 found.append(Candidate(chain, reason=reason))
                 continue
-            layer = as_layer(gm, chain.nodes[0])
-            bn = module_of(gm, chain.nodes[-1])
+            layer, bn = chain.first, chain.last.stats
             problem = batchnorm_problem(bn, layer)
             if problem:
                 found.append(Candidate(chain, reason=problem))
                 continue
             weight, bias = fold_into_weights(layer.weight, layer.bias, ChannelAffine(*batchnorm_affine(bn)))
-            module = new_conv(layer.conv, weight, bias) if layer.is_conv else new_linear(weight, bias, layer.weight)
+            module = (new_conv(layer.conv, weight, bias, layer.weight) if layer.is_conv
+                      else new_linear(weight, bias, layer.weight))
             found.append(Candidate(chain, module, tolerance=options.tolerance))
         return found

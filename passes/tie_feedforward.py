@@ -31,7 +31,8 @@ from torch import nn
 
 from fxfuse.alignment import FFWeights
 from fxfuse.errors import PassError
-from fxfuse.graph import _free_name, as_layer, fetch_attr, is_identity, module_of, replace_nodes, tidy
+from fxfuse.graph import _free_name, replace_nodes, tidy
+from fxfuse.ir import IDENTITY, LINEAR, fetch_attr, is_kind, module_of, view
 
 ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
                        nn.ReLU6, nn.Mish, nn.ELU)
@@ -40,6 +41,13 @@ ELEMENTWISE_FUNCTIONS = {F.gelu, F.relu, F.silu, F.mish, F.elu, F.leaky_relu, to
                          operator.sub, torch.erf}
 ELEMENTWISE_METHODS = {"pow", "mul", "add", "tanh", "sigmoid", "relu", "__mul__", "__add__"}
 SHAPE_METHODS = {"size", "view", "reshape", "contiguous"}
+aten = torch.ops.aten
+ELEMENTWISE_FUNCTIONS |= {aten.gelu.default, aten.relu.default, aten.silu.default, aten.mish.default, aten.elu.default,
+                          aten.leaky_relu.default, aten.tanh.default, aten.sigmoid.default, aten.erf.default,
+                          aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor,
+                          aten.div.Tensor, aten.pow.Tensor_Scalar, aten.view.default, aten.reshape.default,
+                          aten.sym_size.int}
+SHAPE_READS = {"size", aten.sym_size.int}  # read a shape, not values
 
 
 @dataclass(frozen=True)
@@ -103,8 +111,8 @@ class FeedForward:
 
 
 def as_dense(gm: fx.GraphModule, node: fx.Node) -> Dense | None:
-    layer = as_layer(gm, node)
-    if layer is not None and not layer.is_conv:
+    layer = view(gm, node)
+    if layer is not None and layer.kind == LINEAR and node.target is not torch.ops.aten.addmm.default:
         return Dense(node, layer.weight, layer.bias)
     mod = module_of(gm, node)
     if mod is not None and type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and len(node.args) == 1:
@@ -158,7 +166,7 @@ def _feedforward_ending_at(gm: fx.GraphModule, down: Dense) -> FeedForward | Non
             continue
         if not _elementwise(gm, node):
             return None
-        if not (node.op == "call_method" and node.target == "size"):  # reads a shape, not values
+        if node.target not in SHAPE_READS:
             stack += [a for a in node.all_input_nodes if a.op != "get_attr"]
     if len(ups) not in (1, 2) or len({data_input(gm, d) for d in ups}) != 1:
         return None
@@ -177,7 +185,7 @@ def _feedforward_ending_at(gm: fx.GraphModule, down: Dense) -> FeedForward | Non
 
 def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An op that acts on each hidden feature alone (so it commutes with a neuron permutation)."""
-    if is_identity(gm, node):  # Identity, eval-mode dropout
+    if is_kind(gm, node, IDENTITY):  # Identity, eval-mode dropout
         return True
     mod = module_of(gm, node)
     if mod is not None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxfuse.graph import as_layer, find_chains, is_linear, rank_of
+from fxfuse.graph import find_chains, kinds, rank_of
+from fxfuse.ir import LINEAR, Op
 from fxfuse.modules import LeftLinear
 from fxfuse.pass_manager import Candidate, Options
 
@@ -22,7 +23,7 @@ from fxfuse.pass_manager import Candidate, Options
 def swapped_axes(node: fx.Node) -> tuple[int, int] | None:
     """The two axes a transpose node swaps, or None when ``node`` is no transpose."""
     is_method = node.op == "call_method" and node.target == "transpose"
-    is_function = node.op == "call_function" and node.target is torch.transpose
+    is_function = node.op == "call_function" and node.target in (torch.transpose, torch.ops.aten.transpose.int)
     if (is_method or is_function) and len(node.args) == 3 and not node.kwargs:
         return node.args[1], node.args[2]
     return None
@@ -41,8 +42,8 @@ def swaps_last_two(node: fx.Node) -> bool | None:
     return sorted(a % rank for a in axes) == [rank - 2, rank - 1]
 
 
-def _is_transpose(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return swapped_axes(node) is not None
+def _transpose(gm: fx.GraphModule, node: fx.Node) -> Op | None:
+    return Op("transpose", (node,), node.args[0]) if swapped_axes(node) is not None else None
 
 
 class UntransposeLinear:
@@ -50,8 +51,8 @@ class UntransposeLinear:
 
     def candidates(self, gm: fx.GraphModule, options: Options) -> list[Candidate]:
         found = []
-        for chain, reason in find_chains(gm, _is_transpose, is_linear, _is_transpose):
-            first, last = chain.nodes[0], chain.nodes[-1]
+        for chain, reason in find_chains(gm, _transpose, kinds(LINEAR), _transpose):
+            first, last = chain.first.output, chain.last.output
             proven = (swaps_last_two(first), swaps_last_two(last))
             reason = reason or (
                 "more than one Linear between the transposes" if len(chain.middle) != 1 else
@@ -60,7 +61,7 @@ class UntransposeLinear:
             if reason:
                 found.append(Candidate(chain, reason=reason))
                 continue
-            layer = as_layer(gm, chain.middle[0])
+            layer = chain.middle[0]
             bias = None if layer.bias is None else layer.bias.detach().clone()
             module = LeftLinear(layer.weight.detach().clone(), bias).requires_grad_(layer.weight.requires_grad)
             found.append(Candidate(chain, module.eval(), tolerance=options.tolerance))

@@ -104,7 +104,7 @@ def test_wrong_input_shape():
 
 
 def test_inputs_that_are_not_tensors():
-    with pytest.raises(fxfuse.InputError, match="tensor or a tuple of tensors"):
+    with pytest.raises(fxfuse.InputError, match="must be a tensor, a tuple of positional arguments"):
         fxfuse.optimize(nn.Linear(4, 4).eval(), [[1.0, 2.0]])
 
 
@@ -201,7 +201,8 @@ def test_macs_count_layers_matmuls_and_attention():
 
 def test_errors_that_add_up_past_the_tolerance_fail_the_end_to_end_check():
     """Each rewrite is within its tolerance locally; together they are not: VerificationError."""
-    from fxfuse.graph import Chain, as_layer
+    from fxfuse.graph import Chain
+    from fxfuse.ir import LINEAR, view
     from fxfuse.pass_manager import Candidate
 
     class Perturb:  # scales every Linear by (1 + 9e-4): locally 9e-4 ≤ 1e-3, twice in series 1.8e-3
@@ -210,13 +211,14 @@ def test_errors_that_add_up_past_the_tolerance_fail_the_end_to_end_check():
         def candidates(self, gm, options):
             found = []
             for node in gm.graph.nodes:
-                layer = as_layer(gm, node)
-                if layer is not None and "perturb" not in str(node.target):
+                layer = view(gm, node)
+                reads = [node.target] + [a.target for a in node.all_input_nodes if a.op == "get_attr"]
+                if layer is not None and layer.kind == LINEAR and "perturb" not in str(reads):
                     new = nn.Linear(*reversed(layer.weight.shape)).eval()
                     with torch.no_grad():
                         new.weight.copy_(layer.weight * (1 + 9e-4))
                         new.bias.copy_(layer.bias * (1 + 9e-4))
-                    found.append(Candidate(Chain([node]), new, tolerance=1e-3))
+                    found.append(Candidate(Chain([layer]), new, tolerance=1e-3))
             return found
 
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).eval()
@@ -225,15 +227,21 @@ def test_errors_that_add_up_past_the_tolerance_fail_the_end_to_end_check():
 
 
 def test_a_pass_that_never_settles_is_stopped_with_its_name():
-    from fxfuse.graph import Chain, as_layer
+    from fxfuse.graph import Chain
+    from fxfuse.ir import LINEAR, view
     from fxfuse.pass_manager import Candidate
+
+    def copy_of(op):
+        new = nn.Linear(op.weight.shape[1], op.weight.shape[0])
+        new.load_state_dict({"weight": op.weight, "bias": op.bias})
+        return new.eval()
 
     class Forever:  # replaces every Linear by a copy of itself, round after round
         name = "forever"
 
         def candidates(self, gm, options):
-            return [Candidate(Chain([n]), copy.deepcopy(gm.get_submodule(n.target)))
-                    for n in gm.graph.nodes if as_layer(gm, n) is not None]
+            ops = [view(gm, n) for n in gm.graph.nodes]
+            return [Candidate(Chain([op]), copy_of(op)) for op in ops if op is not None and op.kind == LINEAR]
 
     with pytest.raises(fxfuse.PassError, match="'forever'.*fixed point"):
         fxfuse.optimize(nn.Sequential(nn.Linear(4, 4)).eval(), passes=[Forever()])
