@@ -111,9 +111,10 @@ def affine_between(layer: Op, middle: list[Op], tau: float) -> ChannelAffine | s
 is_between_op = kinds(*BETWEEN_KINDS)
 
 
-def new_linear(weight: torch.Tensor, bias: torch.Tensor, like: torch.Tensor) -> nn.Linear:
-    """An ``nn.Linear`` holding float64 ``weight``/``bias`` cast back to ``like``'s dtype and device."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], device=like.device, dtype=like.dtype)
+def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` holding float64 ``weight``/``bias`` (None: no bias) cast back to ``like``'s
+    dtype and device."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=like.device, dtype=like.dtype)
     return _load(linear, weight, bias, like)
 
 
@@ -132,6 +133,7 @@ def new_conv(spec: ConvSpec, weight: torch.Tensor, bias: torch.Tensor, like: tor
 def _load(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor, like: torch.Tensor) -> nn.Module:
     with torch.no_grad():
         module.weight.copy_(weight.to(like.dtype))
-        module.bias.copy_(bias.to(like.dtype))
+        if bias is not None:
+            module.bias.copy_(bias.to(like.dtype))
     module.requires_grad_(like.requires_grad)
     return module.eval()

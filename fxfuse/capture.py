@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import InputError, TraceError, UnsupportedModelError
+from .exported import ExportedGraphModule
 from .graph import DIALECT_KEY, dialect
 from .inputs import Inputs, as_inputs, describe_type
 from .pass_manager import propagate_shapes
@@ -141,13 +142,13 @@ def _export(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
 
 
 def plain_graph_module(gm: fx.GraphModule, name: str) -> fx.GraphModule:
-    """An ``ep.module()`` as a plain GraphModule that pickles, deep-copies and can be put in eval
-    mode: without export's input-guard call and its unpicklable hooks and tracer class (its shape
-    guards are checked again by the ops themselves)."""
+    """An ``ep.module()`` as a GraphModule that pickles (``ExportedGraphModule``), deep-copies and
+    can be put in eval mode: without export's input-guard call, its unpicklable hooks and tracer
+    class (the ops themselves check the shapes again)."""
     for node in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
         gm.graph.erase_node(node)
     gm.graph._tracer_cls = None
-    plain = fx.GraphModule(gm, gm.graph, name)
+    plain = ExportedGraphModule(gm, gm.graph, name)
     plain.meta[DIALECT_KEY] = "aten"
     return plain.eval()
 

@@ -62,14 +62,34 @@ def where(gm: fx.GraphModule, node: fx.Node) -> list[str]:
 
 
 @dataclass
+class Region:
+    """What a rewrite replaces: ``nodes`` (graph order) reading ``inputs`` from outside, of which
+    only ``outputs`` are read outside. A replacement takes the inputs and returns the outputs (one
+    tensor, or a tuple for several)."""
+
+    nodes: list[fx.Node]
+    inputs: list[fx.Node]
+    outputs: list[fx.Node]
+
+
+@dataclass
 class Chain:
-    """``ops[0] -> ... -> ops[-1]``, each op's value read only by the next op."""
+    """``ops[0] -> ... -> ops[-1]``, each op's value read only by the next op: a region with one
+    input and one output."""
 
     ops: list[Op]
 
     @property
     def nodes(self) -> list[fx.Node]:
         return [n for op in self.ops for n in op.nodes]
+
+    @property
+    def inputs(self) -> list[fx.Node]:
+        return [self.input]
+
+    @property
+    def outputs(self) -> list[fx.Node]:
+        return [self.output]
 
     @property
     def input(self) -> fx.Node:
@@ -158,12 +178,13 @@ def replace_chain(gm: fx.GraphModule, chain: Chain, module: nn.Module, suffix: s
     return _take_over(gm, chain.nodes, new, chain_where(gm, chain))
 
 
-def emit(gm: fx.GraphModule, target: str, x: fx.Node) -> fx.Node:
+def emit(gm: fx.GraphModule, target: str, x: fx.Node, *more: fx.Node) -> fx.Node:
     """The node computing submodule ``target`` on ``x``, in the graph's dialect: a ``call_module``,
-    or in an exported graph ``aten.linear`` / ``aten.convNd`` on its parameters (``get_attr``)."""
+    or in an exported graph ``aten.linear`` / ``aten.convNd`` / ``aten.layer_norm`` / ``aten.rms_norm``
+    on its parameters (``get_attr``)."""
     module = gm.get_submodule(target)
-    if dialect(gm) != "aten" or type(module) not in ATEN_EMITTERS:
-        return gm.graph.call_module(target, (x,))
+    if dialect(gm) != "aten" or type(module) not in ATEN_EMITTERS or more:
+        return gm.graph.call_module(target, (x, *more))
     return ATEN_EMITTERS[type(module)](gm, target, module, x)
 
 
@@ -182,18 +203,31 @@ def _emit_conv(gm, target: str, module: nn.Module, x: fx.Node) -> fx.Node:
                                              list(module.dilation), module.groups))
 
 
+def _emit_layer_norm(gm, target: str, module: nn.LayerNorm, x: fx.Node) -> fx.Node:
+    weight, bias = _attrs(gm, target, module) if module.weight is not None else (None, None)
+    return gm.graph.call_function(torch.ops.aten.layer_norm.default,
+                                  (x, list(module.normalized_shape), weight, bias, module.eps))
+
+
+def _emit_rms_norm(gm, target: str, module: nn.RMSNorm, x: fx.Node) -> fx.Node:
+    weight = None if module.weight is None else gm.graph.get_attr(f"{target}.weight")
+    return gm.graph.call_function(torch.ops.aten.rms_norm.default,
+                                  (x, list(module.normalized_shape), weight, module.eps))
+
+
 def _attrs(gm, target: str, module: nn.Module) -> tuple:
     weight = gm.graph.get_attr(f"{target}.weight")
     return weight, None if module.bias is None else gm.graph.get_attr(f"{target}.bias")
 
 
-ATEN_EMITTERS = {nn.Linear: _emit_linear, nn.Conv1d: _emit_conv, nn.Conv2d: _emit_conv, nn.Conv3d: _emit_conv}
+ATEN_EMITTERS = {nn.Linear: _emit_linear, nn.Conv1d: _emit_conv, nn.Conv2d: _emit_conv, nn.Conv3d: _emit_conv,
+                 nn.LayerNorm: _emit_layer_norm, nn.RMSNorm: _emit_rms_norm}
 
 
 def dialect(gm: fx.GraphModule) -> str:
     """"aten" for graphs of ATen ops (torch.export), "torch" for module graphs (symbolic_trace)."""
     if DIALECT_KEY not in gm.meta:
-        aten = any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.find_nodes(op="call_function"))
+        aten = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
         gm.meta[DIALECT_KEY] = "aten" if aten else "torch"
     return gm.meta[DIALECT_KEY]
 
@@ -217,9 +251,67 @@ def _take_over(gm: fx.GraphModule, nodes: list[fx.Node], new: fx.Node, origin: l
     return new
 
 
-def chain_where(gm: fx.GraphModule, chain: Chain) -> list[str]:
-    """Module paths of the chain's ops, in order (the report's ``where``)."""
-    return [w for op in chain.ops for w in where(gm, op.output)]
+def chain_where(gm: fx.GraphModule, region: Chain | Region) -> list[str]:
+    """Module paths of a chain's ops, or of a region's nodes, in order (the report's ``where``)."""
+    if isinstance(region, Chain):
+        return [w for op in region.ops for w in where(gm, op.output)]
+    return list(dict.fromkeys(w for n in region.nodes if n.op != "get_attr" for w in where(gm, n)))
+
+
+def replace_region(gm: fx.GraphModule, region: Chain | Region, replacement: nn.Module, suffix: str) -> None:
+    """Apply a verified rewrite: a GraphModule replacement is spliced in (``inline``), a module
+    replacing a chain is called in its place (``replace_chain``)."""
+    if isinstance(replacement, fx.GraphModule):
+        inline(gm, region, replacement, suffix)
+    elif isinstance(region, Chain):
+        replace_chain(gm, region, replacement, suffix)
+    else:
+        raise TypeError(f"a region with {len(region.outputs)} outputs needs a GraphModule replacement")
+
+
+def inline(gm: fx.GraphModule, region: Chain | Region, replacement: fx.GraphModule, suffix: str) -> list[fx.Node]:
+    """Splice ``replacement``'s graph in place of ``region``: its placeholders read the region's
+    inputs, its outputs take over the region's outputs' users, its modules and tensors are registered
+    beside the region's first layer (``<where>_<suffix>_<name>``) and its module calls emitted in
+    the graph's dialect (``emit``). The new nodes go before the region's first node, which every
+    input precedes, so they precede every user of an output."""
+    first = min(region.nodes, key=_position(gm))
+    base = where(gm, region.nodes[0])[0].replace(".", "_") + "_" + suffix
+    env = dict(zip(replacement.graph.find_nodes(op="placeholder"), region.inputs))
+    outputs = None
+    with gm.graph.inserting_before(first):
+        for node in replacement.graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                name = _free_name(gm, f"{base}_{node.target.replace('.', '_')}")
+                _register(gm, name, fetch_attr(replacement, node.target))
+                args = fx.map_arg(node.args, env.__getitem__)
+                env[node] = emit(gm, name, *args) if node.op == "call_module" else gm.graph.get_attr(name)
+            elif node.op == "output":
+                outputs = fx.map_arg(node.args[0], env.__getitem__)
+            elif node.op != "placeholder":
+                env[node] = gm.graph.node_copy(node, env.__getitem__)
+    outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    origin = chain_where(gm, region)
+    for old, new in zip(region.outputs, outputs):
+        new.meta.update({k: v for k, v in old.meta.items() if k in ("tensor_meta", "val", "nn_module_stack")})
+        new.meta["fxfuse_origin"] = origin
+        old.replace_all_uses_with(new)
+    _erase(gm, sorted(region.nodes, key=_position(gm)))
+    return outputs
+
+
+def _position(gm: fx.GraphModule):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return order.__getitem__
+
+
+def _register(gm: fx.GraphModule, name: str, value) -> None:
+    if isinstance(value, nn.Module):
+        gm.add_submodule(name, value)
+    elif isinstance(value, nn.Parameter):
+        gm.register_parameter(name, value)
+    else:
+        gm.register_buffer(name, value)
 
 
 def _bypass(gm: fx.GraphModule, chain: Chain) -> fx.Node:

@@ -164,10 +164,10 @@ def _module_op(gm, node: fx.Node) -> Op | None:
 def _function_op(gm, node: fx.Node) -> Op | None:
     target = node.target
     if target in LINEAR_FUNCTIONS:
-        x, w, b = _arguments(node, ("input", "weight", "bias"), (None, None, None))
+        x, w, b = arguments(node, ("input", "weight", "bias"), (None, None, None))
         return _weighted(gm, LINEAR, (node,), x, w, b, w_dims=2)
     if target in CONV_FUNCTIONS:
-        x, w, b, stride, padding, dilation, groups = _arguments(
+        x, w, b, stride, padding, dilation, groups = arguments(
             node, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"), (None, None, None, 1, 0, 1, 1))
         dims = CONV_FUNCTIONS[target]
         return _conv(gm, (node,), x, w, b, dims, stride, padding, dilation, groups)
@@ -178,11 +178,11 @@ def _function_op(gm, node: fx.Node) -> Op | None:
         return _conv(gm, (node,), x, w, b, len(stride), stride, padding, dilation, groups)
     if target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
         b, x, wt = node.args  # b + x @ W.T with W.T a transpose of an (out, in) attribute
-        if isinstance(wt, fx.Node) and wt.target in TRANSPOSES and _is_attr(wt.args[0]) and _swaps_2d(wt):
+        if isinstance(wt, fx.Node) and wt.target in TRANSPOSES and is_attr(wt.args[0]) and _swaps_2d(wt):
             return _weighted(gm, LINEAR, (node,), x, wt.args[0], b, w_dims=2)
         return None
     if target in (F.batch_norm, aten.batch_norm.default):
-        x, mean, var, w, b, training, _, eps = _arguments(
+        x, mean, var, w, b, training, _, eps = arguments(
             node, ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
             (None, None, None, None, None, False, 0.1, 1e-5))
         if target is aten.batch_norm.default:  # (input, weight, bias, mean, var, training, momentum, eps, cudnn)
@@ -194,14 +194,14 @@ def _function_op(gm, node: fx.Node) -> Op | None:
         x, w, b, mean, var, _, eps = bn.args
         return _batchnorm(gm, (bn, node), x, mean, var, w, b, eps, False)
     if target in (F.prelu, aten.prelu.default):
-        x, w = _arguments(node, ("input", "weight"), (None, None))
-        if isinstance(x, fx.Node) and _is_attr(w):
+        x, w = arguments(node, ("input", "weight"), (None, None))
+        if isinstance(x, fx.Node) and is_attr(w):
             return Op(PRELU, (node,), x, fetch_attr(gm, w.target))
         return None
     if target is aten.where.self:
         return _decomposed_prelu(gm, node)
     if target in DROPOUT_FUNCTIONS:
-        x, _, training = _arguments(node, ("input", "p", "training"), (None, 0.5, True))
+        x, _, training = arguments(node, ("input", "p", "training"), (None, 0.5, True))
         if target is aten.dropout.default:
             x, _, training = node.args
         return Op(IDENTITY, (node,), x) if training is False and isinstance(x, fx.Node) else None
@@ -214,7 +214,7 @@ def _function_op(gm, node: fx.Node) -> Op | None:
 
 def _full_slice(node: fx.Node) -> bool:
     """``x[:, ...]`` as export spells it: ``aten.slice(x, dim, 0, end ≥ size, 1)``, the whole of x."""
-    x, dim, start, end, step = _arguments(node, ("self", "dim", "start", "end", "step"), (None, 0, None, None, 1))
+    x, dim, start, end, step = arguments(node, ("self", "dim", "start", "end", "step"), (None, 0, None, None, 1))
     val = x.meta.get("val") if isinstance(x, fx.Node) else None
     if not isinstance(val, torch.Tensor) or start not in (None, 0) or step != 1:
         return False
@@ -232,13 +232,13 @@ def _decomposed_prelu(gm, node: fx.Node) -> Op | None:
     slope = next(a for a in neg.args if a is not h) if neg.args.count(h) == 1 else None
     if isinstance(slope, fx.Node) and slope.target is aten.view.default:
         slope = slope.args[0]
-    if not _is_attr(slope):
+    if not is_attr(slope):
         return None
     return Op(PRELU, (cond, neg, node), h, fetch_attr(gm, slope.target).reshape(-1))
 
 
 def _weighted(gm, kind, nodes, x, w, b, w_dims) -> Op | None:
-    if not (isinstance(x, fx.Node) and _is_attr(w) and (b is None or _is_attr(b))):
+    if not (isinstance(x, fx.Node) and is_attr(w) and (b is None or is_attr(b))):
         return None
     weight = fetch_attr(gm, w.target)
     if not isinstance(weight, torch.Tensor) or weight.dim() != w_dims:
@@ -258,14 +258,14 @@ def _conv(gm, nodes, x, w, b, dims, stride, padding, dilation, groups) -> Op | N
 
 def _batchnorm(gm, nodes, x, mean, var, w, b, eps, training) -> Op | None:
     tensors = [mean, var, w, b]
-    if not isinstance(x, fx.Node) or not all(t is None or _is_attr(t) for t in tensors):
+    if not isinstance(x, fx.Node) or not all(t is None or is_attr(t) for t in tensors):
         return None
     mean, var, w, b = (None if t is None else fetch_attr(gm, t.target) for t in tensors)
     stats = BatchNormStats(mean, var, w, b, float(eps), training or mean is None)
     return Op(BATCHNORM, nodes, x, stats=stats)
 
 
-def _arguments(node: fx.Node, names: tuple[str, ...], defaults: tuple) -> list:
+def arguments(node: fx.Node, names: tuple[str, ...], defaults: tuple) -> list:
     """Positional-or-keyword arguments of a call by name, with defaults."""
     values = list(node.args) + list(defaults[len(node.args):])
     return [node.kwargs.get(name, value) for name, value in zip(names, values)]
@@ -283,5 +283,5 @@ def _swaps_2d(node: fx.Node) -> bool:
     return True  # aten.t
 
 
-def _is_attr(arg) -> bool:
+def is_attr(arg) -> bool:
     return isinstance(arg, fx.Node) and arg.op == "get_attr"

@@ -1,9 +1,11 @@
 """Runs an ordered list of passes to a fixed point, verifying each rewrite before it is applied.
 
 A pass is stateless: ``name`` and ``candidates(gm, options) -> list[Candidate]``. Each candidate
-is a chain of nodes plus either the module that replaces it or the reason it is left alone. The
-manager keeps the books: overlap filtering, local verification against the original chain on
-recorded activations, graph surgery, and the report rows.
+is a region of the graph — a chain ``first -> middle* -> last``, or any set of nodes with several
+inputs and outputs (``fxfuse.graph.Region``) — plus either what replaces it (a module for a chain,
+a GraphModule spliced in for any region) or the reason it is left alone. The manager keeps the
+books: overlap filtering, local verification against the original region on recorded activations
+(every output), graph surgery in the graph's dialect, and the report rows.
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import PassError
-from .graph import Chain, chain_where, rel_error, replace_chain, tidy
+from .graph import Chain, Region, chain_where, rel_error, replace_region, tidy
 from .inputs import as_inputs
 from .ir import fetch_attr
-from .report import Row, node_macs, weight_macs
+from .report import Row, count_macs, node_macs, weight_macs
 
 
 @dataclass
@@ -38,9 +40,10 @@ class Options:
 
 @dataclass
 class Candidate:
-    """A matched chain and what to do with it: ``replacement`` to apply, or ``reason`` to skip."""
+    """A matched region and what to do with it: ``replacement`` to apply, or ``reason`` to skip.
+    The replacement takes the region's inputs and returns its outputs (a tuple for several)."""
 
-    chain: Chain
+    region: Chain | Region
     replacement: nn.Module | None = None
     reason: str = ""
     exact: bool = True
@@ -50,7 +53,7 @@ class Candidate:
 
     @property
     def key(self) -> tuple[str, ...]:
-        return tuple(n.name for n in self.chain.nodes)
+        return tuple(n.name for n in self.region.nodes)
 
 
 class Pass(Protocol):
@@ -83,28 +86,30 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
         runnable = [c.replacement is not None and (c.exact or not options.data_free) for c in found]
         todo = _without_overlaps([c for c, ok in zip(found, runnable) if ok])
         skipped = [c for c, ok in zip(found, runnable) if not ok]
-        values = record(gm, inputs, {c.chain.input for c in todo}) if inputs is not None and todo else {}
+        wanted = {x for c in todo for x in c.region.inputs}
+        values = record(gm, inputs, wanted) if inputs is not None and todo else {}
         interp = fx.Interpreter(gm) if values else None
         applied = 0
         for c in todo:
-            if values:
-                c.tolerance = max(c.tolerance, precision_floor(values[c.chain.input].dtype))
-            error, bounds = _chain_error(interp, c, values[c.chain.input]) if values else (None, (None, None))
+            xs = [values[x] for x in c.region.inputs] if values else None
+            if xs:
+                c.tolerance = max(c.tolerance, precision_floor(_dtype_of(xs)))
+            error, bounds, macs_after = _region_error(interp, c, xs) if xs else (None, (None, None), None)
             accepted = error is None or error <= c.tolerance
-            row = _row(gm, p.name, c, error, accepted)
+            row = _row(gm, p.name, c, error, accepted, macs_after)
             row.bound_eq4, row.bound_proven = bounds
             if not accepted:
                 row.reason = f"error {error:.2e} > tolerance {c.tolerance:g}"
                 rejected.add(c.key)
             else:
                 row.reason = _warn_about_hooks(gm, c, p.name)
-                replace_chain(gm, c.chain, c.replacement, p.name)
+                replace_region(gm, c.region, c.replacement, p.name)
                 applied += 1
             rows.append(row)
         if not applied:
             for c in skipped:
                 reason = c.reason or "approximate (PReLU slope ≠ 1): needs example inputs to measure its error"
-                rows.append(Row(p.name, "skipped", chain_where(gm, c.chain), reason=reason))
+                rows.append(Row(p.name, "skipped", chain_where(gm, c.region), reason=reason))
             return rows
         tidy(gm)
     raise RuntimeError(f"still rewriting after {MAX_ROUNDS} rounds: the pass never reaches a fixed point")
@@ -121,7 +126,7 @@ def precision_floor(dtype: torch.dtype) -> float:
 
 def _warn_about_hooks(gm: fx.GraphModule, c: Candidate, pass_name: str) -> str:
     """Warn (and return a note) when modules with hooks are rewritten away: their hooks stop running."""
-    hooked = [n.target for n in c.chain.nodes if n.op == "call_module" and _has_hooks(gm.get_submodule(n.target))]
+    hooked = [n.target for n in c.region.nodes if n.op == "call_module" and _has_hooks(gm.get_submodule(n.target))]
     if not hooked:
         return ""
     note = f"hooks on {', '.join(hooked)} no longer run (the module was rewritten away)"
@@ -137,10 +142,10 @@ def _without_overlaps(candidates: list[Candidate]) -> list[Candidate]:
     """Greedy in graph order: a node is rewritten by at most one candidate per round."""
     taken, kept = set(), []
     for c in candidates:
-        nodes = set(c.chain.nodes) | {c.chain.input}
+        nodes = set(c.region.nodes) | set(c.region.inputs)
         if not nodes & taken:
             kept.append(c)
-            taken |= set(c.chain.nodes)
+            taken |= set(c.region.nodes)
     return kept
 
 
@@ -201,18 +206,29 @@ def _run(interpreter: fx.Interpreter, gm: fx.GraphModule, inputs):
         return interpreter.run(*as_inputs(inputs).placeholders(gm), enable_io_processing=False)
 
 
-def _chain_error(interp: fx.Interpreter, c: Candidate, x: torch.Tensor) -> tuple[float, tuple]:
-    """Relative error of the replacement against the original chain on the recorded input, and the
-    candidate's error bounds (absolute per sample) divided by the same scale, max |reference|.
+def _dtype_of(values: list) -> torch.dtype:
+    return next((v.dtype for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()), torch.float32)
+
+
+def _region_error(interp: fx.Interpreter, c: Candidate, xs: list) -> tuple[float, tuple, int | None]:
+    """Relative error of the replacement against the original region on the recorded inputs (worst
+    over its outputs), the candidate's error bounds (absolute per sample) divided by the same scale,
+    max |reference|, and — for a GraphModule replacement, shape-propagated on the way — its MACs.
     ``interp`` is made once per round: making one walks the whole graph."""
-    interp.env = {c.chain.input: x}
+    interp.env = dict(zip(c.region.inputs, xs))
     with full_precision():
-        for node in c.chain.nodes:
-            _evaluate(interp, node)
-        ref = interp.env[c.chain.output]
-        scale = max(ref.detach().double().abs().max().item(), 1e-30)
-        bounds = (None, None) if c.bounds is None else tuple(b / scale for b in c.bounds(x))
-        return rel_error(c.replacement(x), ref), bounds
+        for node in c.region.nodes:
+            if node not in interp.env:
+                _evaluate(interp, node)
+        refs = [interp.env[o] for o in c.region.outputs]
+        scale = max(max(r.detach().double().abs().max().item() for r in refs), 1e-30)
+        bounds = (None, None) if c.bounds is None else tuple(b / scale for b in c.bounds(xs[0]))
+        if isinstance(c.replacement, fx.GraphModule):
+            new = NestedShapeProp(c.replacement).propagate(*xs)
+            macs = count_macs(c.replacement)
+        else:
+            new, macs = c.replacement(*xs), None
+        return rel_error(new, refs), bounds, macs
 
 
 def _evaluate(interp: fx.Interpreter, node: fx.Node) -> None:
@@ -224,21 +240,22 @@ def _evaluate(interp: fx.Interpreter, node: fx.Node) -> None:
     interp.env[node] = interp.run_node(node)
 
 
-def _row(gm, pass_name: str, c: Candidate, error: float | None, accepted: bool) -> Row:
-    """The report row of a verified candidate; a rejected one shows the chain unchanged."""
-    macs = [node_macs(gm, n) for n in c.chain.nodes]
-    out_meta = c.chain.output.meta.get("tensor_meta")
+def _row(gm, pass_name: str, c: Candidate, error: float | None, accepted: bool, macs_after: int | None) -> Row:
+    """The report row of a verified candidate; a rejected one shows the region unchanged."""
+    macs = [node_macs(gm, n) for n in c.region.nodes]
+    out_meta = c.region.outputs[0].meta.get("tensor_meta")
     weight = getattr(c.replacement, "weight", None)
-    known = out_meta is not None and None not in macs
+    known = all("tensor_meta" in o.meta for o in c.region.outputs) and None not in macs
     macs_before = sum(macs) if known else None
-    macs_after = None if not known else 0 if weight is None else weight_macs(out_meta.shape, weight)
-    params_before = sum(p.numel() for p in _params(gm, c.chain.nodes))
+    if macs_after is None and known and not isinstance(c.replacement, fx.GraphModule):
+        macs_after = 0 if weight is None else weight_macs(out_meta.shape, weight)
+    params_before = sum(p.numel() for p in _params(gm, c.region.nodes))
     params_after = sum(p.numel() for p in c.replacement.parameters())
     if not accepted:
         params_after, macs_after = params_before, macs_before
-    return Row(pass_name, "applied" if accepted else "rejected", chain_where(gm, c.chain),
+    return Row(pass_name, "applied" if accepted else "rejected", chain_where(gm, c.region),
                params_before=params_before, params_after=params_after, macs_before=macs_before,
-               macs_after=macs_after, error=error, exact=c.exact, tolerance=c.tolerance)
+               macs_after=macs_after if known else None, error=error, exact=c.exact, tolerance=c.tolerance)
 
 
 def _params(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[torch.Tensor]:

@@ -7,11 +7,16 @@ from .collapse_linear import CollapseLinear
 from .compose_conv import ComposeConv
 from .drop_identity import DropIdentity
 from .fold_batchnorm import FoldBatchNorm
+from .fold_norm_affine import FoldNormAffine
 from .untranspose_linear import UntransposeLinear
 
 DEFAULT_PASSES = (FoldBatchNorm(), CollapseLinear(), ComposeConv(), DropIdentity())
 # Opt-in: exact, and faster under torch.compile on an H100 (MLP-Mixer-B), but slower in eager CUDA
 # (torch.matmul(2-D, 3-D) copies its input there), so not a default: see the README's Benchmarks.
 WITH_UNTRANSPOSE = DEFAULT_PASSES + (UntransposeLinear(),)
+# Opt-in: exact, saves a norm's 2·d affine parameters, but no time (layer_norm applies its affine in
+# the same kernel) and may add biases to bias-free readers; see passes/fold_norm_affine.py.
+ALL_PASSES = WITH_UNTRANSPOSE + (FoldNormAffine(),)
 
-__all__ = ["CollapseLinear", "ComposeConv", "DropIdentity", "FoldBatchNorm", "UntransposeLinear", "DEFAULT_PASSES", "WITH_UNTRANSPOSE"]
+__all__ = ["CollapseLinear", "ComposeConv", "DropIdentity", "FoldBatchNorm", "FoldNormAffine", "UntransposeLinear",
+           "DEFAULT_PASSES", "WITH_UNTRANSPOSE", "ALL_PASSES"]

@@ -21,7 +21,7 @@ from torch import nn
 import fxfuse
 from fxfuse.graph import rel_error
 from fxfuse.optimize import float64_errors
-from fxfuse.passes import WITH_UNTRANSPOSE
+from fxfuse.passes import ALL_PASSES
 
 
 class Program(nn.Module):
@@ -208,7 +208,7 @@ def check(seed: int) -> Outcome:
         ref = model(fresh)
     worst, applied, skipped = 0.0, 0, 0
     for inputs in ((x,), None):
-        gm = fxfuse.optimize(model, inputs, passes=WITH_UNTRANSPOSE)  # every pass, the opt-in one too
+        gm = fxfuse.optimize(model, inputs, passes=ALL_PASSES)  # every pass, the opt-in ones too
         report = fxfuse.report_of(gm)
         with torch.no_grad():
             error = rel_error(gm(fresh), ref)
