@@ -1,6 +1,6 @@
 """Run the differential fuzzer (tests/fuzzing.py) over many seeds in parallel; write JSON.
 
-    python benchmarks/fuzz.py --graphs 20000 --workers 2 --out benchmarks/results/fuzz.json
+    python benchmarks/fuzz.py --graphs 20000 --workers 2 --capture export --out benchmarks/results/fuzz_export.json
 
 Every graph is optimized with and without example inputs and compared with the original on fresh
 inputs. A failure is recorded with its seed; replay it with ``fuzzing.check(seed)``.
@@ -23,8 +23,13 @@ import torch  # noqa: E402
 from fuzzing import check  # noqa: E402
 
 
-def run_chunk(seeds: range) -> dict:
+def run_chunk(job: tuple[range, str]) -> dict:
+    """``check`` every seed; ``capture``: "export" (optimize's default, torch.export first) or "fx"."""
+    seeds, capture = job
     torch.set_num_threads(1)
+    if capture == "fx":
+        import fxfuse.capture
+        fxfuse.capture.AUTO_ORDER = ("fx",)
     applied = skipped = 0
     failures = []
     for seed in seeds:
@@ -41,6 +46,8 @@ def main() -> None:
     parser.add_argument("--graphs", type=int, default=20000)
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--capture", choices=("export", "fx"), default="export",
+                        help="how graphs with example inputs are captured (data-free ones always by fx)")
     parser.add_argument("--out", default="benchmarks/results/fuzz.json")
     args = parser.parse_args()
     step = 100
@@ -48,7 +55,7 @@ def main() -> None:
     start = time.perf_counter()
     parts = []
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for part in pool.map(run_chunk, chunks):
+        for part in pool.map(run_chunk, [(c, args.capture) for c in chunks]):
             parts.append(part)
             done = sum(p["graphs"] for p in parts)
             print(f"{done} graphs, {sum(len(p['failures']) for p in parts)} failures, "
@@ -57,7 +64,7 @@ def main() -> None:
     failures = [f for p in parts for f in p["failures"]]
     result = {"command": "python " + " ".join(sys.argv), "seeds": [args.start, args.start + args.graphs],
               **total, "wrong_or_crashed": len(failures), "failures": failures[:50],
-              "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
+              "capture": args.capture, "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
               "python": platform.python_version(), "cpus": os.cpu_count()}
     print(f"{total['graphs']} graphs, {total['applied']} rewrites applied, {total['skipped']} candidates skipped, "
           f"{len(failures)} wrong or crashed, {result['seconds']} s")

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxfuse
-from fxfuse.pass_manager import propagate_shapes
+from fxfuse.verify import propagate_shapes
 from fxfuse.report import count_macs, count_params
 
 

@@ -1,13 +1,16 @@
 """Cost of ``fxfuse.optimize`` itself as the graph grows: wall time and peak memory; writes JSON.
 
     python benchmarks/optimize_time.py --vit-blocks 8 32 128 512 --gpt2-layers 12 24 48 96 \
-        --out benchmarks/results/optimize_time_cpu.json
+        --captures export fx --out benchmarks/results/optimize_time_cpu.json
 
 Two families, random weights, MLP activations PReLU(α=1) so every block's MLP is collapsed and
 verified: stacks of timm ViT blocks (embed 192, 3 heads, 64×64 images) and GPT-2-style decoders
 written here in plain PyTorch (d 768, 12 heads, 64 tokens; GPT-2 small is 12 layers). Each size
 runs in a fresh process, so its peak RSS is its own: reported as the growth over the RSS after the
-model was built (what optimize added), with the default deep copy and with ``inplace=True``.
+model was built (what optimize added), with the default deep copy and with ``inplace=True``, for
+each capture (torch.export, symbolic_trace; export's one-off start-up is paid before timing, and
+``capture_seconds`` is the part spent capturing). ``ms_per_node`` divides by the model's symbolic_trace
+node count on both captures, so the two are per the same unit of model size.
 """
 from __future__ import annotations
 
@@ -71,28 +74,30 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(family: str, size: int, inplace: bool, queue) -> None:
+def measure(family: str, size: int, inplace: bool, capture: str, queue) -> None:
     import fxfuse
 
     model, inputs = build(family, size)
+    if capture == "export":  # torch.export's one-off start-up cost (imports, dynamo) is not optimize's per-node cost
+        torch.export.export(nn.Linear(2, 2), (torch.randn(2, 2),))
     before = rss_mib()
     start = time.perf_counter()
-    gm = fxfuse.optimize(model, inputs, inplace=inplace)
+    gm = fxfuse.optimize(model, inputs, inplace=inplace, capture=capture)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = fxfuse.report_of(gm)
-    queue.put({"family": family, "size": size, "inplace": inplace, "graph_nodes": len(gm.graph.nodes) + 0,
+    queue.put({"family": family, "size": size, "inplace": inplace, "capture": capture, "graph_nodes": len(gm.graph.nodes),
                "traced_nodes": len(torch.fx.symbolic_trace(model).graph.nodes), "seconds": round(seconds, 3),
-               "ms_per_node": None, "peak_growth_mib": round(peak - before, 1), "model_mib": round(
+               "ms_per_node": None, "capture_seconds": round(report.capture_seconds, 3), "peak_growth_mib": round(peak - before, 1), "model_mib": round(
                    sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
                "rewrites": len(report.applied), "params_before": report.params_before,
                "params_after": report.params_after, "max_rel_error": report.error})
 
 
-def run_isolated(family: str, size: int, inplace: bool) -> dict:
+def run_isolated(family: str, size: int, inplace: bool, capture: str) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=measure, args=(family, size, inplace, queue))
+    p = ctx.Process(target=measure, args=(family, size, inplace, capture, queue))
     p.start()
     row = queue.get()
     p.join()
@@ -104,20 +109,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vit-blocks", type=int, nargs="*", default=[8, 32, 128, 512])
     parser.add_argument("--gpt2-layers", type=int, nargs="*", default=[12, 24, 48, 96])
+    parser.add_argument("--captures", nargs="*", default=["export", "fx"], choices=["export", "fx"])
+    parser.add_argument("--modes", nargs="*", default=["copy", "inplace"], choices=["copy", "inplace"])
     parser.add_argument("--out", default="benchmarks/results/optimize_time_cpu.json")
     args = parser.parse_args()
     rows = []
     result = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__, "python": platform.python_version(),
               "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "results": rows}
-    for family, sizes in (("vit", args.vit_blocks), ("gpt2", args.gpt2_layers)):
-        for size in sizes:
-            for inplace in (False, True):
-                r = run_isolated(family, size, inplace)
+    for capture in args.captures:
+        for family, sizes in (("vit", args.vit_blocks), ("gpt2", args.gpt2_layers)):
+            for size, mode in ((size, mode) for size in sizes for mode in args.modes):
+                r = run_isolated(family, size, mode == "inplace", capture)
                 rows.append(r)
                 with open(args.out, "w") as f:  # after every row, so an interrupted run keeps what it measured
                     json.dump(result, f, indent=2)
-                print(f"{family:>4} {size:>4}  inplace={str(inplace):<5} {r['traced_nodes']:>6} nodes  "
+                print(f"{capture:>6} {family:>4} {size:>4}  {mode:<7} {r['traced_nodes']:>6} nodes  "
                       f"{r['seconds']:>7.2f} s  {r['ms_per_node']:.2f} ms/node  peak +{r['peak_growth_mib']:,.0f} MiB "
                       f"(weights {r['model_mib']:,.0f} MiB)  {r['rewrites']} rewrites  error {r['max_rel_error']:.1e}",
                       flush=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .graph import kinds, rank_of
+from .match import kinds, rank_of
 from .ir import BATCHNORM, BETWEEN_KINDS, CONV_MODULES, IDENTITY, PRELU, BatchNormStats, ConvSpec, Op
 
 

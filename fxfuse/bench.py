@@ -35,7 +35,7 @@ from torch import nn
 
 from .export import export_onnx, onnxruntime_runner
 from .optimize import optimize
-from .pass_manager import propagate_shapes
+from .verify import propagate_shapes
 from .report import count_macs
 from .tie import Tie
 

@@ -26,9 +26,9 @@ from torch.utils import _pytree as pytree
 
 from .errors import InputError, TraceError, UnsupportedModelError
 from .exported import ExportedGraphModule
-from .graph import DIALECT_KEY, dialect
-from .inputs import Inputs, as_inputs, describe_type
-from .pass_manager import propagate_shapes
+from .inputs import Inputs, describe_type
+from .ir import DIALECT_KEY, dialect
+from .verify import propagate_shapes
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CAPTURES = ("export", "fx")

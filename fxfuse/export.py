@@ -14,7 +14,7 @@ from torch import nn
 
 from .capture import dynamic_shapes
 from .errors import ExportError
-from .graph import rel_error
+from .verify import rel_error
 from .inputs import Inputs, as_inputs
 
 

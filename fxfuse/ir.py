@@ -285,3 +285,14 @@ def _swaps_2d(node: fx.Node) -> bool:
 
 def is_attr(arg) -> bool:
     return isinstance(arg, fx.Node) and arg.op == "get_attr"
+
+
+DIALECT_KEY = "fxfuse_dialect"  # gm.meta: "aten" (torch.export) or "torch" (symbolic_trace)
+
+
+def dialect(gm: fx.GraphModule) -> str:
+    """"aten" for graphs of ATen ops (torch.export), "torch" for module graphs (symbolic_trace)."""
+    if DIALECT_KEY not in gm.meta:
+        aten = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+        gm.meta[DIALECT_KEY] = "aten" if aten else "torch"
+    return gm.meta[DIALECT_KEY]

@@ -12,9 +12,9 @@ from torch import nn
 from .capture import capture as capture_graph
 from .capture import EAGER_KEY, check_inputs
 from .errors import InputError, TraceError, UnsupportedModelError, VerificationError
-from .graph import rel_error
 from .inputs import Inputs, as_inputs
-from .pass_manager import Options, Pass, full_precision, precision_floor, propagate_shapes, run_passes
+from .pass_manager import Options, Pass, run_passes
+from .verify import full_precision, precision_floor, propagate_shapes, rel_error
 from .report import Report, count_macs, count_params
 from .tie import Tie, run_tie
 
@@ -55,7 +55,9 @@ def optimize(model: nn.Module | torch.export.ExportedProgram, example_inputs: An
     eager = gm.meta.pop(EAGER_KEY, None)
     options = Options(tau=tau, force=force, tolerance=tolerance, conv_tolerance=conv_tolerance,
                       approx_tolerance=approx_tolerance, data_free=inputs is None)
-    report, reference = Report(params_before=count_params(gm), capture=gm.meta["fxfuse_capture"]), None
+    report = Report(params_before=count_params(gm), capture=gm.meta["fxfuse_capture"],
+                    capture_seconds=time.perf_counter() - start)
+    reference = None
     if inputs is not None:
         reference = check_inputs(gm, inputs)
         _refuse_random_output(gm, inputs, reference, tolerance)

@@ -2,14 +2,13 @@
 
 A pass is stateless: ``name`` and ``candidates(gm, options) -> list[Candidate]``. Each candidate
 is a region of the graph — a chain ``first -> middle* -> last``, or any set of nodes with several
-inputs and outputs (``fxfuse.graph.Region``) — plus either what replaces it (a module for a chain,
+inputs and outputs (``fxfuse.match.Region``) — plus either what replaces it (a module for a chain,
 a GraphModule spliced in for any region) or the reason it is left alone. The manager keeps the
 books: overlap filtering, local verification against the original region on recorded activations
 (every output), graph surgery in the graph's dialect, and the report rows.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -17,13 +16,13 @@ from typing import Callable, Protocol, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import PassError
-from .graph import Chain, Region, chain_where, rel_error, replace_region, tidy
-from .inputs import as_inputs
 from .ir import fetch_attr
-from .report import Row, count_macs, node_macs, weight_macs
+from .match import Chain, Region, chain_where
+from .report import Row, node_macs, weight_macs
+from .rewrite import replace_region, tidy
+from .verify import precision_floor, record, region_error, dtype_of
 
 
 @dataclass
@@ -93,8 +92,8 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
         for c in todo:
             xs = [values[x] for x in c.region.inputs] if values else None
             if xs:
-                c.tolerance = max(c.tolerance, precision_floor(_dtype_of(xs)))
-            error, bounds, macs_after = _region_error(interp, c, xs) if xs else (None, (None, None), None)
+                c.tolerance = max(c.tolerance, precision_floor(dtype_of(xs)))
+            error, bounds, macs_after = region_error(interp, c, xs) if xs else (None, (None, None), None)
             accepted = error is None or error <= c.tolerance
             row = _row(gm, p.name, c, error, accepted, macs_after)
             row.bound_eq4, row.bound_proven = bounds
@@ -113,15 +112,6 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
             return rows
         tidy(gm)
     raise RuntimeError(f"still rewriting after {MAX_ROUNDS} rounds: the pass never reaches a fixed point")
-
-
-def precision_floor(dtype: torch.dtype) -> float:
-    """The least tolerance a rewrite can meet in ``dtype``: 2 ulps at 1 (bf16 1.6e-2, fp16 2e-3).
-
-    The original graph rounds its hidden values to that precision too, so a rewrite computed in
-    float64 and cast back differs from it by about that much even when the math is exact.
-    """
-    return 2 * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
 
 def _warn_about_hooks(gm: fx.GraphModule, c: Candidate, pass_name: str) -> str:
@@ -147,97 +137,6 @@ def _without_overlaps(candidates: list[Candidate]) -> list[Candidate]:
             kept.append(c)
             taken |= set(c.region.nodes)
     return kept
-
-
-class NestedShapeProp(ShapeProp):
-    """ShapeProp that also fills the nodes of GraphModules called as submodules (a tied FF)."""
-
-    def call_module(self, target, args, kwargs):
-        module = self.fetch_attr(target)
-        if isinstance(module, fx.GraphModule) and not kwargs:
-            return NestedShapeProp(module).propagate(*args)
-        return super().call_module(target, args, kwargs)
-
-
-class _Recorder(NestedShapeProp):
-    """NestedShapeProp (fills ``meta['tensor_meta']``) that also keeps the values of chosen nodes."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: set):
-        super().__init__(gm)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        if n in self.wanted:
-            self.values[n] = result
-        return result
-
-
-@contextlib.contextmanager
-def full_precision():
-    """No gradients and no TF32 (cuDNN enables it for float32 convolutions by default): a check
-    compares the rewrite with the original, not TF32's 1e-3 rounding with itself."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-
-
-def record(gm: fx.GraphModule, inputs, wanted: set) -> dict:
-    """Run ``gm`` on ``inputs`` (no grad, no TF32), filling shapes; return the values of the ``wanted`` nodes."""
-    recorder = _Recorder(gm, wanted)
-    _run(recorder, gm, inputs)
-    return recorder.values
-
-
-def propagate_shapes(gm: fx.GraphModule, inputs):
-    """Fill every node's ``meta['tensor_meta']``, in called GraphModules too; return the outputs
-    (flat, as the graph's output node holds them)."""
-    return _run(NestedShapeProp(gm), gm, inputs)
-
-
-def _run(interpreter: fx.Interpreter, gm: fx.GraphModule, inputs):
-    """Run ``interpreter`` on the graph's placeholders (``Inputs.placeholders``): no input or output
-    processing, so an exported graph's pytree signature and a traced graph's keywords both work."""
-    with full_precision():
-        return interpreter.run(*as_inputs(inputs).placeholders(gm), enable_io_processing=False)
-
-
-def _dtype_of(values: list) -> torch.dtype:
-    return next((v.dtype for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()), torch.float32)
-
-
-def _region_error(interp: fx.Interpreter, c: Candidate, xs: list) -> tuple[float, tuple, int | None]:
-    """Relative error of the replacement against the original region on the recorded inputs (worst
-    over its outputs), the candidate's error bounds (absolute per sample) divided by the same scale,
-    max |reference|, and — for a GraphModule replacement, shape-propagated on the way — its MACs.
-    ``interp`` is made once per round: making one walks the whole graph."""
-    interp.env = dict(zip(c.region.inputs, xs))
-    with full_precision():
-        for node in c.region.nodes:
-            if node not in interp.env:
-                _evaluate(interp, node)
-        refs = [interp.env[o] for o in c.region.outputs]
-        scale = max(max(r.detach().double().abs().max().item() for r in refs), 1e-30)
-        bounds = (None, None) if c.bounds is None else tuple(b / scale for b in c.bounds(xs[0]))
-        if isinstance(c.replacement, fx.GraphModule):
-            new = NestedShapeProp(c.replacement).propagate(*xs)
-            macs = count_macs(c.replacement)
-        else:
-            new, macs = c.replacement(*xs), None
-        return rel_error(new, refs), bounds, macs
-
-
-def _evaluate(interp: fx.Interpreter, node: fx.Node) -> None:
-    """Run ``node`` in ``interp``, first whatever it reads that is not recorded yet (the get_attr
-    nodes feeding F.linear, an exported graph's ``aten.t(weight)``)."""
-    for arg in node.all_input_nodes:
-        if arg not in interp.env:
-            _evaluate(interp, arg)
-    interp.env[node] = interp.run_node(node)
 
 
 def _row(gm, pass_name: str, c: Candidate, error: float | None, accepted: bool, macs_after: int | None) -> Row:
@@ -272,3 +171,4 @@ def _params(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[torch.Tensor]:
                 if isinstance(t, nn.Parameter):
                     found[id(t)] = t
     return list(found.values())
+

@@ -30,7 +30,8 @@ from torch import nn
 from .affine import batchnorm_problem, is_between_op
 from .capture import EAGER_KEY, capture, check_inputs
 from .errors import InputError, UnsupportedModelError
-from .graph import Chain, chain_where, find_chains, kinds, rank_of, replace_chain, tidy, where
+from .match import Chain, chain_where, find_chains, kinds, rank_of, where
+from .rewrite import replace_chain, tidy
 from .inputs import as_inputs
 from .ir import BATCHNORM, CONV, LINEAR, Op, module_of
 

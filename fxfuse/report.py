@@ -45,6 +45,7 @@ class Report:
     error_vs_float64: float | None = None  # set when `error` exceeded the tolerances: optimized vs float64 original
     original_vs_float64: float | None = None  # ... and the original's own distance from its float64 self
     seconds: float = 0.0
+    capture_seconds: float = 0.0  # of ``seconds``, the time spent capturing the graph (torch.export or symbolic_trace)
     capture: str = ""  # how the graph was captured: "export" (torch.export) or "fx" (symbolic_trace)
     tie_error: float | None = None  # end-to-end after the (approximate, opt-in) tie step
 
@@ -81,7 +82,7 @@ class Report:
         lines.append("-" * len(head))
         lines.append(f"{'model':<16} {len(self.applied):>3} applied {_arrow(self.params_before, self.params_after):>21} "
                      f"{_arrow(self.macs_before, self.macs_after):>25} {_num(self.error):>9}  "
-                     f"{len(self.skipped)} skipped, {self.seconds:.2f} s, {self.capture} capture")
+                     f"{len(self.skipped)} skipped, {self.seconds:.2f} s ({self.capture} capture {self.capture_seconds:.2f} s)")
         if self.error_vs_float64 is not None:
             lines.append(f"against the float64 original: optimized {self.error_vs_float64:.2e}, "
                          f"original {self.original_vs_float64:.2e} (float32 rounding amplified downstream)")

@@ -30,8 +30,7 @@ from .alignment import FeatureStats, FFWeights, average, cross_correlation, matc
 from .capture import capture
 from .inputs import as_inputs
 from .errors import InputError
-from .graph import rel_error
-from .pass_manager import full_precision, precision_floor, record
+from .verify import full_precision, precision_floor, record, rel_error
 from .report import Row, count_params
 from .similarity import MEASURES, distance, linear_cka_from_sums
 

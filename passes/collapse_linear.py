@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from fxfuse.affine import affine_between, fold_into_weights, is_between_op, new_linear
-from fxfuse.graph import find_chains, kinds
+from fxfuse.match import find_chains, kinds
 from fxfuse.ir import BATCHNORM, LINEAR, PRELU, Op
 from fxfuse.pass_manager import Candidate, Options
 

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxfuse.affine import ChannelAffine, affine_between, fold_into_weights, is_between_op, new_conv
-from fxfuse.graph import find_chains, kinds
+from fxfuse.match import find_chains, kinds
 from fxfuse.ir import CONV, Op
 from fxfuse.pass_manager import Candidate, Options
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from fxfuse.graph import Chain
+from fxfuse.match import Chain
 from fxfuse.ir import IDENTITY, view
 from fxfuse.pass_manager import Candidate, Options
 

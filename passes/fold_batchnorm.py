@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxfuse.affine import ChannelAffine, batchnorm_affine, batchnorm_problem, fold_into_weights, new_conv, new_linear
-from fxfuse.graph import find_chains, kinds
+from fxfuse.match import find_chains, kinds
 from fxfuse.ir import BATCHNORM, CONV, IDENTITY, LINEAR
 from fxfuse.pass_manager import Candidate, Options
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxfuse.affine import new_linear
-from fxfuse.graph import Region
+from fxfuse.match import Region
 from fxfuse.ir import LINEAR, Op, arguments, fetch_attr, is_attr, module_of, overrides_forward, view
 from fxfuse.pass_manager import Candidate, Options
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from fxfuse.alignment import FFWeights
 from fxfuse.errors import PassError
-from fxfuse.graph import _free_name, replace_nodes, tidy
+from fxfuse.rewrite import _free_name, replace_nodes, tidy
 from fxfuse.ir import IDENTITY, LINEAR, fetch_attr, is_kind, module_of, view
 
 ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,

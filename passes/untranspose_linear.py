@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxfuse.graph import find_chains, kinds, rank_of
+from fxfuse.match import find_chains, kinds, rank_of
 from fxfuse.ir import LINEAR, Op
 from fxfuse.modules import LeftLinear
 from fxfuse.pass_manager import Candidate, Options

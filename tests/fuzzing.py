@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxfuse
-from fxfuse.graph import rel_error
+from fxfuse.verify import rel_error
 from fxfuse.optimize import float64_errors
 from fxfuse.passes import ALL_PASSES
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import applied, assert_same_function, count, optimize_and_compare, randomize_batchnorm, skipped
 from torch import nn
 
@@ -81,3 +82,25 @@ def test_fold_preserves_dtype_and_requires_grad():
     assert count(gm, BN) == 0 and applied(report, "fold_batchnorm")
     (conv,) = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
     assert conv.weight.dtype == torch.float64 and not conv.weight.requires_grad
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: a BatchNorm2d subclass whose forward checks the input's
+    rank, calls F.batch_norm and an activation (so it is not the base layer: it is traced through)."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected 4D input")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps)
+        return self.act(x)
+
+
+def test_functional_batchnorm_inside_a_subclass_is_folded():
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct(8), nn.Conv2d(8, 4, 1),
+                                              BatchNormAct(4))).eval()
+    gm, report = optimize_and_compare(model, (torch.randn(2, 3, 10, 10),))
+    assert len(applied(report, "fold_batchnorm")) == 2
+    assert not any(n.target in (F.batch_norm, torch.ops.aten.batch_norm.default) for n in gm.graph.nodes)

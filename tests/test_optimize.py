@@ -181,7 +181,7 @@ def test_a_crashing_pass_is_named_with_the_passes_before_it():
 def test_macs_count_layers_matmuls_and_attention():
     from torch.nn import functional as F
 
-    from fxfuse.pass_manager import propagate_shapes
+    from fxfuse.verify import propagate_shapes
     from fxfuse.report import count_macs
 
     class Attention(nn.Module):
@@ -201,7 +201,7 @@ def test_macs_count_layers_matmuls_and_attention():
 
 def test_errors_that_add_up_past_the_tolerance_fail_the_end_to_end_check():
     """Each rewrite is within its tolerance locally; together they are not: VerificationError."""
-    from fxfuse.graph import Chain
+    from fxfuse.match import Chain
     from fxfuse.ir import LINEAR, view
     from fxfuse.pass_manager import Candidate
 
@@ -227,7 +227,7 @@ def test_errors_that_add_up_past_the_tolerance_fail_the_end_to_end_check():
 
 
 def test_a_pass_that_never_settles_is_stopped_with_its_name():
-    from fxfuse.graph import Chain
+    from fxfuse.match import Chain
     from fxfuse.ir import LINEAR, view
     from fxfuse.pass_manager import Candidate
 

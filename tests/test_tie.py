@@ -12,7 +12,7 @@ from torch import nn
 import fxfuse
 from fxfuse.alignment import permute
 from fxfuse.models import TinyDecoder
-from fxfuse.pass_manager import propagate_shapes
+from fxfuse.verify import propagate_shapes
 from fxfuse.report import count_macs
 from fxfuse.passes.tie_feedforward import extract, find_feedforwards, find_in_extracted, group_feedforwards
 
