@@ -118,8 +118,9 @@ def capture(model: nn.Module | torch.export.ExportedProgram, inputs: Inputs | No
 def _capture_fix(model: nn.Module, failures: list[str]) -> str:
     text = " ".join(failures)
     if "past_key_values" in text or "Cache" in text:
-        return ("Fix: turn the key/value cache off for capture (model.config.use_cache = False, or pass "
-                "use_cache=False in the example inputs).")
+        return ("Fix: turn the key/value cache off for capture: model.config.use_cache = False (an encoder-decoder "
+                "such as T5 copies its config into the decoder: build it from a config with use_cache=False), or "
+                "pass use_cache=False in the example inputs (the optimized module then takes it too).")
     return ("Fix: pass example_inputs (torch.export needs them); for symbolic_trace, mark the submodule that holds "
             "data-dependent control flow as a leaf (optimize(..., leaf_modules=[ThatModule])) or fix the offending "
             "argument with optimize(..., concrete_args={'flag': value}).")

@@ -7,6 +7,7 @@ from torch import nn
 
 import fxfuse
 from fxfuse.models import demo_inputs, demo_model
+from fxfuse.passes import FoldBatchNorm
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +101,39 @@ def test_capture_failures_name_both_captures_and_a_fix():
         fxfuse.optimize(DataDependent().eval(), (torch.randn(2, 4),))
     with pytest.raises(fxfuse.InputError, match="capture='nope'"):
         fxfuse.optimize(DataDependent().eval(), (torch.randn(2, 4),), capture="nope")
+
+
+def test_macs_count_gpt2_conv1d_and_attention_in_the_exported_graph():
+    """Oracle from the config: GPT-2's Conv1D layers (q/k/v, projection, MLP), attention and the LM head."""
+    from hf_models import gpt2
+
+    model, kwargs, _ = gpt2()
+    c = model.config
+    tokens, seq, d, head = kwargs["input_ids"].numel(), kwargs["input_ids"].shape[1], c.n_embd, c.n_embd // c.n_head
+    per_layer = tokens * d * (3 * d + d + 4 * d + 4 * d) + tokens * c.n_head * seq * 2 * head
+    expected = c.n_layer * per_layer + tokens * d * c.vocab_size
+    report = fxfuse.report_of(fxfuse.optimize(model, kwargs))
+    assert report.macs_before == expected
+
+
+def test_a_batchnorm_fold_keeps_the_model_total_and_the_row_agrees():
+    model, x = conv_bn_conv()
+    report = fxfuse.report_of(fxfuse.optimize(model, x, passes=[FoldBatchNorm()]))
+    conv1, conv2 = 2 * 12 * 12 * 32 * 3, 2 * 10 * 10 * 8 * 32 * 9  # output elements × products each
+    assert report.macs_before == report.macs_after == conv1 + conv2
+    assert all(r.macs_before == r.macs_after for r in report.applied) and len(report.applied) == 2
+
+
+def test_a_transformers_cache_is_named_with_fixes_that_work():
+    from hf_models import gpt2
+
+    model, kwargs, make = gpt2()
+    model.config.use_cache = True
+    with pytest.raises(fxfuse.TraceError, match=r"(?s)DynamicCache.*Fix: .*use_cache = False"):
+        fxfuse.optimize(model, kwargs)
+    gm = fxfuse.optimize(model, {**kwargs, "use_cache": False})  # the second fix the message names
+    model.config.use_cache = False  # the first
+    fresh = make(3, 5)
+    with torch.no_grad():
+        assert torch.equal(gm(**fresh, use_cache=False).logits, model(**fresh).logits)
+        assert torch.equal(fxfuse.optimize(model, kwargs)(**fresh).logits, model(**fresh).logits)
