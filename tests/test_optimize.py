@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import count, optimize_and_compare, randomize_batchnorm
+from conftest import assert_same_function, count, optimize_and_compare, randomize_batchnorm
 from torch import nn
 
 import fxfuse
@@ -262,3 +262,39 @@ class RandomInEval(nn.Module):
 def test_random_output_in_eval_mode_is_named(collapsible):
     with pytest.raises(fxfuse.UnsupportedModelError, match=r"(?s)changes from one call to the next.*F.dropout"):
         fxfuse.optimize(RandomInEval(collapsible).eval(), (torch.randn(4, 8),))
+
+
+class SharedWeight(nn.Module):
+    """fc's weight read by F.linear in a collapsible chain, and fc itself called elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(8, 64), nn.PReLU(init=1.0), nn.Linear(64, 8)
+
+    def forward(self, x):
+        y = self.out(self.act(nn.functional.linear(x, self.fc.weight, self.fc.bias)))
+        return y + self.out(torch.relu(self.fc(x)))
+
+
+def test_a_weight_still_read_elsewhere_is_kept():
+    gm, report = optimize_and_compare(SharedWeight().eval(), (torch.randn(3, 8),))
+    assert [r.pass_name for r in report.applied] == ["collapse"]
+    model = SharedWeight().eval()
+    data_free = fxfuse.optimize(model)  # no inputs, no check: the module must still run and compute the same
+    assert_same_function(data_free, model, (torch.randn(2, 8),))
+
+
+class ScaledLinear(nn.Linear):
+    """Not a Linear: its forward doubles the output."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_a_subclass_that_overrides_forward_is_not_its_base_layer():
+    model = nn.Sequential(ScaledLinear(8, 64), nn.PReLU(init=1.0), nn.Linear(64, 8)).eval()
+    for kwargs in ({}, {"leaf_modules": [ScaledLinear]}):  # traced through, or kept as a module call
+        gm, report = optimize_and_compare(model, (torch.randn(3, 8),), **kwargs)
+        assert not report.applied
+        data_free = fxfuse.optimize(model, **kwargs)
+        assert not fxfuse.report_of(data_free).applied
