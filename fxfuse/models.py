@@ -1,4 +1,5 @@
-"""The built-in demo model: what a LayerCollapse-trained network looks like (random weights).
+"""The built-in demo model: what a LayerCollapse-trained network looks like (random weights), and
+randomize_batchnorm, which gives random BatchNorms the statistics of trained ones (tests, benchmarks).
 
 A conv stem Conv3×3 → BatchNorm → PReLU(α=1) → Conv1×1 (composable), a wide MLP head
 Linear → BatchNorm → PReLU(α=1) → Dropout → Linear (collapsible), and, to show what is left alone,
@@ -85,3 +86,17 @@ class TinyDecoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every BatchNorm (any ``_BatchNorm`` subclass, timm's BatchNormAct2d included) non-trivial
+    running statistics and affine parameters, so that a fold of random weights is really tested."""
+    for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        with torch.no_grad():
+            if bn.running_mean is not None:
+                bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator) * 0.5)
+                bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) * 1.5 + 0.5)
+            if bn.affine:
+                bn.weight.copy_(torch.randn(bn.num_features, generator=generator) * 0.2 + 1)
+                bn.bias.copy_(torch.randn(bn.num_features, generator=generator) * 0.2)
+    return model
