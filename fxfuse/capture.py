@@ -145,9 +145,12 @@ def _export(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
 def plain_graph_module(gm: fx.GraphModule, name: str) -> fx.GraphModule:
     """An ``ep.module()`` as a GraphModule that pickles (``ExportedGraphModule``), deep-copies and
     can be put in eval mode: without export's input-guard call, its unpicklable hooks and tracer
-    class (the ops themselves check the shapes again)."""
+    class (the ops themselves check the shapes again), and without the tensors no op reads."""
     for node in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
         gm.graph.erase_node(node)
+    for node in gm.graph.find_nodes(op="get_attr"):
+        if not node.users:  # a tensor forward never reads (an eval-mode auxiliary head), as symbolic_trace leaves out
+            gm.graph.erase_node(node)
     gm.graph._tracer_cls = None
     plain = ExportedGraphModule(gm, gm.graph, name)
     plain.meta[DIALECT_KEY] = "aten"

@@ -137,3 +137,21 @@ def test_a_transformers_cache_is_named_with_fixes_that_work():
     with torch.no_grad():
         assert torch.equal(gm(**fresh, use_cache=False).logits, model(**fresh).logits)
         assert torch.equal(fxfuse.optimize(model, kwargs)(**fresh).logits, model(**fresh).logits)
+
+
+class AuxHead(nn.Module):
+    """An auxiliary classifier that only training uses (torchvision's GoogLeNet, Inception v3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.aux = nn.Linear(8, 8), nn.Linear(8, 1000)
+
+    def forward(self, x):
+        y = self.body(x)
+        return (y, self.aux(x)) if self.training else y
+
+
+def test_both_captures_count_the_same_parameters():
+    model, x = AuxHead().eval(), (torch.randn(2, 8),)
+    counts = {c: fxfuse.report_of(fxfuse.optimize(model, x, capture=c)).params_before for c in ("export", "fx")}
+    assert counts == {"export": 72, "fx": 72}  # the eval-mode graph never reads the auxiliary head
