@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
@@ -48,6 +48,12 @@ ELEMENTWISE_FUNCTIONS |= {aten.gelu.default, aten.relu.default, aten.silu.defaul
                           aten.div.Tensor, aten.pow.Tensor_Scalar, aten.view.default, aten.reshape.default,
                           aten.sym_size.int}
 SHAPE_READS = {"size", aten.sym_size.int}  # read a shape, not values
+ADDMM = {torch.addmm, aten.addmm.default}  # GPT-2's Conv1D: addmm(bias, x.view(-1, in), weight (in, out))
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in ("view", "reshape")) or (
+        node.op == "call_function" and node.target in (aten.view.default, aten.reshape.default))
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,7 @@ class FeedForward:
     hidden: fx.Node  # the features for alignment: pre-activation (MLP) or the gated product (SwiGLU)
     kind: str  # 'mlp' or 'swiglu'
     signature: str = ""
+    shapes: dict = field(default_factory=dict)  # outside sizes read inside (exported GPT-2): node -> axis of x
 
     def weights(self) -> FFWeights:
         ups = [(d.matrix(), _double(d.bias)) for d in self.ups]
@@ -117,7 +124,7 @@ def as_dense(gm: fx.GraphModule, node: fx.Node) -> Dense | None:
     mod = module_of(gm, node)
     if mod is not None and type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and len(node.args) == 1:
         return Dense(node, mod.weight, mod.bias, transposed=True)
-    if node.op == "call_function" and node.target is torch.addmm and len(node.args) == 3 and not node.kwargs:
+    if node.op == "call_function" and node.target in ADDMM and len(node.args) == 3 and not node.kwargs:
         bias, _, weight = node.args
         if all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (bias, weight)):
             return Dense(node, fetch_attr(gm, weight.target), fetch_attr(gm, bias.target), transposed=True)
@@ -126,8 +133,8 @@ def as_dense(gm: fx.GraphModule, node: fx.Node) -> Dense | None:
 
 def data_input(gm: fx.GraphModule, dense: Dense) -> fx.Node:
     """The tensor a dense node transforms, looking through the flattening ``view`` of ``addmm``."""
-    arg = dense.node.args[1] if dense.node.target is torch.addmm else dense.node.args[0]
-    if arg.op == "call_method" and arg.target in ("view", "reshape"):
+    arg = dense.node.args[1] if dense.node.target in ADDMM else dense.node.args[0]
+    if _is_reshape(arg):
         return arg.args[0]
     return arg
 
@@ -135,8 +142,7 @@ def data_input(gm: fx.GraphModule, dense: Dense) -> fx.Node:
 def dense_output(dense: Dense) -> fx.Node:
     """The dense node's value in the input's shape (the un-flattening ``view`` after ``addmm``)."""
     users = list(dense.node.users)
-    if dense.node.target is torch.addmm and len(users) == 1 and users[0].op == "call_method" \
-            and users[0].target in ("view", "reshape"):
+    if dense.node.target in ADDMM and len(users) == 1 and _is_reshape(users[0]):
         return users[0]
     return dense.node
 
@@ -172,13 +178,15 @@ def _feedforward_ending_at(gm: fx.GraphModule, down: Dense) -> FeedForward | Non
         return None
     ups.sort(key=lambda d: _position(gm, d.node))
     x, y = data_input(gm, ups[0]), dense_output(down)
-    region = _region(gm, x, y)
+    shapes = _sizes_of(gm, x)
+    region = _region(gm, x, y, shapes)
     if region is None:
         return None
     hidden = dense_output(ups[0]) if len(ups) == 1 else _join(region, [dense_output(d) for d in ups])
     if hidden is None:
         return None
-    ff = FeedForward(x, y, region, ups, down, hidden, "mlp" if len(ups) == 1 else "swiglu")
+    ff = FeedForward(x, y, region, ups, down, hidden, "mlp" if len(ups) == 1 else "swiglu",
+                     shapes={n: axis for n, axis in shapes.items() if any(u in region for u in n.users)})
     ff.signature = structure_hash(gm, ff)
     return ff
 
@@ -197,12 +205,29 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def _region(gm: fx.GraphModule, x: fx.Node, y: fx.Node) -> list[fx.Node] | None:
-    """Nodes on paths x → y (and the attributes they read), or None if a value inside leaks out."""
+def _sizes_of(gm: fx.GraphModule, x: fx.Node) -> dict[fx.Node, int]:
+    """Exported graphs read sizes once (``sym_size(input_ids, 0)``) and reuse them: the ``sym_size``
+    nodes whose value is one of x's sizes, with that axis (an extracted FF recomputes them from x)."""
+    val = x.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return {}
+    sizes = {}
+    for node in gm.graph.find_nodes(op="call_function", target=aten.sym_size.int):
+        size = node.meta.get("val")
+        axis = next((i for i, d in enumerate(val.shape) if isinstance(d, torch.SymInt) and d is not None
+                     and isinstance(size, torch.SymInt) and str(d) == str(size)), None)
+        if axis is not None:
+            sizes[node] = axis
+    return sizes
+
+
+def _region(gm: fx.GraphModule, x: fx.Node, y: fx.Node, shapes: dict) -> list[fx.Node] | None:
+    """Nodes on paths x → y (and the attributes they read), or None if a value inside leaks out.
+    ``shapes`` (sizes of x read outside) count as x."""
     ancestors, stack = {y}, [y]
     while stack:
         for a in stack.pop().all_input_nodes:
-            if a is not x and a not in ancestors:
+            if a is not x and a not in ancestors and a not in shapes:
                 if a.op in ("placeholder", "output"):
                     return None
                 ancestors.add(a)
@@ -210,14 +235,14 @@ def _region(gm: fx.GraphModule, x: fx.Node, y: fx.Node) -> list[fx.Node] | None:
     for n in ancestors:
         if n is not y and any(u not in ancestors for u in n.users):
             return None
-        if n.op not in ("get_attr",) and not _reaches(n, x, ancestors):
+        if n.op not in ("get_attr",) and not _reaches(n, x, ancestors, shapes):
             return None
     return [n for n in gm.graph.nodes if n in ancestors]
 
 
-def _reaches(node: fx.Node, x: fx.Node, region: set) -> bool:
+def _reaches(node: fx.Node, x: fx.Node, region: set, shapes: dict) -> bool:
     """Whether ``node`` depends on x only through the region (no other outside input)."""
-    return all(a is x or a in region for a in node.all_input_nodes)
+    return all(a is x or a in region or a in shapes for a in node.all_input_nodes)
 
 
 def _join(region: list[fx.Node], branches: list[fx.Node]) -> fx.Node | None:
@@ -267,6 +292,8 @@ def extract(gm: fx.GraphModule, ff: FeedForward) -> fx.GraphModule:
     """A standalone GraphModule y = FF(x) with its own copies of the region's modules and tensors."""
     root, graph, env = nn.Module(), fx.Graph(), {}
     env[ff.x] = graph.placeholder("x")
+    for size, axis in ff.shapes.items():
+        env[size] = graph.call_function(aten.sym_size.int, (env[ff.x], axis))
     for n in ff.region:
         if n.op in ("get_attr", "call_module"):
             name = n.target.replace(".", "_")

@@ -1,5 +1,5 @@
-"""Tie on Hugging Face models built from small configs (random weights, nothing downloaded), traced
-with transformers' own FX tracer."""
+"""Tie on Hugging Face models (transformers 5) built from small configs (random weights, nothing
+downloaded), captured by torch.export (``optimize(model, inputs, passes=[])``: the graph, nothing rewritten)."""
 import io
 
 import pytest
@@ -10,7 +10,16 @@ from fxfuse.alignment import permute
 from fxfuse.passes.tie_feedforward import extract, find_feedforwards, find_in_extracted
 
 transformers = pytest.importorskip("transformers")
-hf_fx = pytest.importorskip("transformers.utils.fx")
+
+
+@pytest.fixture(autouse=True)
+def each_capture():
+    """symbolic_trace cannot trace transformers 5 models: these tests capture by torch.export only."""
+    return "export"
+
+
+def exported(model, example):
+    return fxfuse.optimize(model, (example,), passes=[], capture="export")
 
 
 def randomize_biases(model):
@@ -24,9 +33,10 @@ def randomize_biases(model):
 
 def gpt2(layers=6):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
+    config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=100, n_positions=32,
+                                     use_cache=False, bos_token_id=0, eos_token_id=0)
     model = randomize_biases(transformers.GPT2LMHeadModel(config)).eval()
-    return model, hf_fx.symbolic_trace(model, input_names=["input_ids"]).eval()
+    return model, exported(model, tokens(0))
 
 
 def vit(layers=6):
@@ -34,7 +44,7 @@ def vit(layers=6):
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                                     intermediate_size=384, image_size=16, patch_size=8, num_labels=5)
     model = randomize_biases(transformers.ViTForImageClassification(config)).eval()
-    return model, hf_fx.symbolic_trace(model, input_names=["pixel_values"]).eval()
+    return model, exported(model, pixels(0))
 
 
 def ff_numel(ff):
