@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 from .errors import InputError, TraceError, UnsupportedModelError
 from .exported import ExportedGraphModule
 from .inputs import Inputs, describe_type
-from .ir import DIALECT_KEY, dialect
+from .ir import DIALECT_KEY, dialect, fetch_attr
 from .verify import propagate_shapes
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -148,8 +148,10 @@ def plain_graph_module(gm: fx.GraphModule, name: str) -> fx.GraphModule:
     class (the ops themselves check the shapes again), and without the tensors no op reads."""
     for node in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
         gm.graph.erase_node(node)
-    for node in gm.graph.find_nodes(op="get_attr"):
-        if not node.users:  # a tensor forward never reads (an eval-mode auxiliary head), as symbolic_trace leaves out
+    attrs = gm.graph.find_nodes(op="get_attr")
+    read = {id(fetch_attr(gm, n.target)) for n in attrs if n.users}
+    for node in attrs:  # a tensor forward never reads (an eval-mode auxiliary head), as symbolic_trace leaves out;
+        if not node.users and id(fetch_attr(gm, node.target)) not in read:  # a tied alias of a read one stays
             gm.graph.erase_node(node)
     gm.graph._tracer_cls = None
     plain = ExportedGraphModule(gm, gm.graph, name)
