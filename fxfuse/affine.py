@@ -56,6 +56,11 @@ def batchnorm_affine(bn: BatchNormStats) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+def collapse_gain(n_in: int, n_hidden: int, n_out: int) -> float:
+    """LayerCollapse Eq. 7: the fraction of weights saved by replacing W2·W1 with their product."""
+    return 1 - n_in * n_out / (n_hidden * (n_in + n_out))
+
+
 def fold_into_weights(weight: torch.Tensor, bias: torch.Tensor | None,
                       affine: ChannelAffine) -> tuple[torch.Tensor, torch.Tensor]:
     """W' = diag(s)·W, b' = s ⊙ b + t, in float64 (weight is (out, ...), any trailing dims)."""

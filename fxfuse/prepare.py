@@ -27,8 +27,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .affine import batchnorm_problem, is_between_op
+from .affine import batchnorm_problem, collapse_gain, is_between_op
 from .capture import EAGER_KEY, capture, check_inputs
+from .conv import compose_gain, composed_shape, composition_problem
 from .errors import InputError, UnsupportedModelError
 from .match import Chain, chain_where, find_chains, kinds, rank_of, where
 from .rewrite import replace_chain, tidy
@@ -86,9 +87,6 @@ is_layer = kinds(LINEAR, CONV)
 def pair_gain(gm: fx.GraphModule, chain: Chain) -> float | str:
     """Eq. 7 for Linear pairs, the corrected Eq. 8 for Conv pairs, or why the pair cannot collapse
     (a BatchNorm between them that ``optimize`` could not fold, a Linear with a Conv, a padded conv)."""
-    from fxfuse.passes.collapse_linear import collapse_gain
-    from fxfuse.passes.compose_conv import compose_gain, composed_shape, composition_problem
-
     first, second = chain.first, chain.last
     problem = next(filter(None, (batchnorm_problem(op.stats, first) for op in chain.middle
                                  if op.kind == BATCHNORM)), None)

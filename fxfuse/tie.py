@@ -28,8 +28,9 @@ from torch import nn
 
 from .alignment import FeatureStats, FFWeights, average, cross_correlation, match_permutation, mix, permute
 from .capture import capture
-from .inputs import as_inputs
 from .errors import InputError
+from .feedforward import drop_sites, extract, find_feedforwards, find_in_extracted, group_feedforwards, tie_sites
+from .inputs import as_inputs
 from .verify import full_precision, precision_floor, record, rel_error
 from .report import Row, count_params
 from .similarity import MEASURES, distance, linear_cka_from_sums
@@ -106,8 +107,6 @@ class Tie:
 
 def run_tie(gm: fx.GraphModule, tie: Tie, example_inputs: tuple | None) -> list[Row]:
     """Find, score, merge and tie FF sublayers of ``gm`` in place; return the report rows."""
-    from fxfuse.passes.tie_feedforward import find_feedforwards, group_feedforwards
-
     tie.check()
     ffs = find_feedforwards(gm)
     rows: list[Row] = []
@@ -266,8 +265,6 @@ def plan_window(tie: Tie, ffs, window: Sequence[int], stats) -> Plan:
 
 def build_shared(gm: fx.GraphModule, ff, weights: FFWeights) -> fx.GraphModule:
     """A standalone copy of ``ff`` holding ``weights``."""
-    from fxfuse.passes.tie_feedforward import extract, find_in_extracted
-
     module = extract(gm, ff)
     find_in_extracted(module).load(weights)
     return module
@@ -303,8 +300,6 @@ def _weight_score(tie: Tie, ffs, window) -> float:
 
 def _evaluation_score(gm, tie: Tie, window, plan: Plan) -> float:
     """Sec. 3.4: ``tie.evaluate`` of a copy of the model with the window merged."""
-    from fxfuse.passes.tie_feedforward import find_feedforwards
-
     trial = copy.deepcopy(gm)
     trial_ffs = find_feedforwards(trial)
     rewrite(trial, [trial_ffs[i] for i in window], plan)
@@ -315,8 +310,6 @@ def _evaluation_score(gm, tie: Tie, window, plan: Plan) -> float:
 def rewrite(gm: fx.GraphModule, members: list, plan: Plan, shared: nn.Module | None = None) -> None:
     """Tie the window's FFs to one shared module holding the merged weights (``shared`` if already
     built), or drop them."""
-    from fxfuse.passes.tie_feedforward import drop_sites, tie_sites
-
     if plan.merged is None:
         drop_sites(gm, members)
     else:
@@ -376,8 +369,6 @@ def feedforward_cka(model: nn.Module, batches: Iterable,
                     mask: Callable | None = None) -> tuple[torch.Tensor, list[str]]:
     """Linear CKA between the outputs of every pair of FF sublayers (Verma et al. Sec. 5.6), from
     streaming float64 sums over ``batches``. Returns the L×L matrix and the FFs' names."""
-    from fxfuse.passes.tie_feedforward import find_feedforwards
-
     gm = model if isinstance(model, fx.GraphModule) else capture(model, method="fx", inplace=True)  # read only: no copy
     ffs = find_feedforwards(gm)
     if not ffs:

@@ -23,17 +23,12 @@ from functools import partial
 import torch
 import torch.fx as fx
 
-from fxfuse.affine import affine_between, fold_into_weights, is_between_op, new_linear
+from fxfuse.affine import affine_between, collapse_gain, fold_into_weights, is_between_op, new_linear
 from fxfuse.match import find_chains, kinds
 from fxfuse.ir import BATCHNORM, LINEAR, PRELU, Op
 from fxfuse.pass_manager import Candidate, Options
 
 is_linear = kinds(LINEAR)
-
-
-def collapse_gain(n_in: int, n_hidden: int, n_out: int) -> float:
-    """LayerCollapse Eq. 7: the fraction of weights saved by replacing W2·W1 with their product."""
-    return 1 - n_in * n_out / (n_hidden * (n_in + n_out))
 
 
 def collapse_error_bounds(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, x_norm: float,

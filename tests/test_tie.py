@@ -14,7 +14,7 @@ from fxfuse.alignment import permute
 from fxfuse.models import TinyDecoder
 from fxfuse.verify import propagate_shapes
 from fxfuse.report import count_macs
-from fxfuse.passes.tie_feedforward import extract, find_feedforwards, find_in_extracted, group_feedforwards
+from fxfuse.feedforward import extract, find_feedforwards, find_in_extracted, group_feedforwards
 
 ACTS = ["gelu", "gelu_tanh", "relu", "silu", "prelu", "swiglu"]
 

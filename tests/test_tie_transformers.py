@@ -7,7 +7,7 @@ import torch
 
 import fxfuse
 from fxfuse.alignment import permute
-from fxfuse.passes.tie_feedforward import extract, find_feedforwards, find_in_extracted
+from fxfuse.feedforward import extract, find_feedforwards, find_in_extracted
 
 transformers = pytest.importorskip("transformers")
 

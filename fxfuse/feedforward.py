@@ -1,4 +1,4 @@
-"""tie: find feed-forward sublayers in an FX graph by structure, and make several call one module.
+"""Feed-forward sublayers found in a graph by structure, and made to call one module (what tie uses).
 
 Detection (no module names are read): a *dense* node is an ``nn.Linear`` / ``F.linear`` on
 attributes (weight (out, in)) or ``torch.addmm(bias, x2d, weight)`` on attributes — the form GPT-2's
@@ -29,10 +29,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxfuse.alignment import FFWeights
-from fxfuse.errors import PassError
-from fxfuse.rewrite import _free_name, replace_nodes, tidy
-from fxfuse.ir import IDENTITY, LINEAR, fetch_attr, is_kind, module_of, view
+from .alignment import FFWeights
+from .errors import PassError
+from .rewrite import _free_name, replace_nodes, tidy
+from .ir import IDENTITY, LINEAR, fetch_attr, is_kind, module_of, view
 
 ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
                        nn.ReLU6, nn.Mish, nn.ELU)
