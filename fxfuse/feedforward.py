@@ -31,7 +31,7 @@ from torch import nn
 
 from .alignment import FFWeights
 from .errors import PassError
-from .rewrite import _free_name, replace_nodes, tidy
+from .rewrite import _free_name, register, replace_nodes, tidy
 from .ir import IDENTITY, LINEAR, fetch_attr, is_kind, module_of, view
 
 ELEMENTWISE_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
@@ -297,13 +297,7 @@ def extract(gm: fx.GraphModule, ff: FeedForward) -> fx.GraphModule:
     for n in ff.region:
         if n.op in ("get_attr", "call_module"):
             name = n.target.replace(".", "_")
-            value = copy.deepcopy(fetch_attr(gm, n.target))
-            if isinstance(value, nn.Module):
-                root.add_module(name, value)
-            elif isinstance(value, nn.Parameter):
-                root.register_parameter(name, value)
-            else:
-                root.register_buffer(name, value)
+            register(root, name, copy.deepcopy(fetch_attr(gm, n.target)))
             env[n] = graph.create_node(n.op, name, (), {}) if n.op == "get_attr" else \
                 graph.call_module(name, fx.map_arg(n.args, env.__getitem__), fx.map_arg(n.kwargs, env.__getitem__))
         else:

@@ -54,7 +54,7 @@ def inline(gm: fx.GraphModule, region: Chain | Region, replacement: fx.GraphModu
         for node in replacement.graph.nodes:
             if node.op in ("call_module", "get_attr"):
                 name = _free_name(gm, f"{base}_{node.target.replace('.', '_')}")
-                _register(gm, name, fetch_attr(replacement, node.target))
+                register(gm, name, fetch_attr(replacement, node.target))
                 args = fx.map_arg(node.args, env.__getitem__)
                 env[node] = emit(gm, name, *args) if node.op == "call_module" else gm.graph.get_attr(name)
             elif node.op == "output":
@@ -169,13 +169,14 @@ def _position(gm: fx.GraphModule):
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return order.__getitem__
 
-def _register(gm: fx.GraphModule, name: str, value) -> None:
+def register(owner: nn.Module, name: str, value) -> None:
+    """Register ``value`` on ``owner`` under the (dot-free) ``name``: a module, parameter or buffer."""
     if isinstance(value, nn.Module):
-        gm.add_submodule(name, value)
+        owner.add_module(name, value)
     elif isinstance(value, nn.Parameter):
-        gm.register_parameter(name, value)
+        owner.register_parameter(name, value)
     else:
-        gm.register_buffer(name, value)
+        owner.register_buffer(name, value)
 
 def tidy(gm: fx.GraphModule) -> None:
     """Drop the modules no node calls any more, then regenerate ``forward``."""

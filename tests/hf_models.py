@@ -57,22 +57,22 @@ def bert():
     return _text(_nudge(transformers.BertForSequenceClassification(config)), token_type=True)
 
 
-def llama():
-    """LlamaForCausalLM, 2 layers, grouped-query attention (RMSNorm exports as pow/mean/rsqrt/mul)."""
+def _decoder(config_class, model_class):
+    """A 2-layer grouped-query-attention decoder of Llama's shape."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=128, vocab_size=V,
-                                      max_position_embeddings=64, use_cache=False)
-    return _text(_nudge(transformers.LlamaForCausalLM(config)))
+    config = config_class(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=128, vocab_size=V, max_position_embeddings=64, use_cache=False)
+    return _text(_nudge(model_class(config)))
+
+
+def llama():
+    """LlamaForCausalLM (RMSNorm exports as pow/mean/rsqrt/mul)."""
+    return _decoder(transformers.LlamaConfig, transformers.LlamaForCausalLM)
 
 
 def qwen2():
-    """Qwen2ForCausalLM, 2 layers (like Llama, plus q/k/v biases)."""
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=128, vocab_size=V,
-                                      max_position_embeddings=64, use_cache=False)
-    return _text(_nudge(transformers.Qwen2ForCausalLM(config)))
+    """Qwen2ForCausalLM (like Llama, plus q/k/v biases)."""
+    return _decoder(transformers.Qwen2Config, transformers.Qwen2ForCausalLM)
 
 
 def vit():
