@@ -33,6 +33,7 @@ class ChannelAffine:
     shift: torch.Tensor
     exact: bool = True
     slope_deviation: float = 0.0  # max |α − 1| over the PReLU slopes treated as the identity
+    rank: int | None = None  # the only rank of the layer's output at which the map is per-channel (see batchnorm_rank)
 
     @classmethod
     def identity(cls, channels: int, device: torch.device) -> "ChannelAffine":
@@ -41,7 +42,7 @@ class ChannelAffine:
 
     def then(self, scale: torch.Tensor, shift: torch.Tensor) -> "ChannelAffine":
         """Compose with a following map h ↦ scale ⊙ h + shift."""
-        return ChannelAffine(scale * self.scale, scale * self.shift + shift, self.exact, self.slope_deviation)
+        return ChannelAffine(scale * self.scale, scale * self.shift + shift, self.exact, self.slope_deviation, self.rank)
 
 
 def batchnorm_affine(bn: BatchNormStats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,14 +74,15 @@ def batchnorm_problem(bn: BatchNormStats, layer: Op) -> str | None:
     """Why ``bn`` cannot be folded as a per-channel affine of ``layer``'s output, or None.
 
     BatchNorm normalises axis 1. That is the layer's channel axis when the layer's output has rank 2
-    (Linear) or 2 + spatial dims (a batched ConvNd): proven by BatchNorm2d/3d's own rank check, by an
-    exported graph's static ranks, or by example inputs."""
+    (Linear) or 2 + spatial dims (a batched ConvNd): proven by BatchNorm2d/3d's own rank check, or
+    seen on the example inputs (an exported graph's static ranks are the example's too), and then
+    guarded in the rewritten graph (``Candidate.input_rank``)."""
     if bn.training:
         return "BatchNorm uses batch statistics (training mode, or track_running_stats=False)"
     if bn.num_features != layer.out_channels:
         return f"BatchNorm has {bn.num_features} features, the layer {layer.out_channels} channels"
-    rank_needed = layer.weight.dim() if layer.is_conv else 2  # ConvNd: (N, C, *spatial); Linear: (N, C)
-    if bn.rank is not None and bn.rank == rank_needed:
+    rank_needed = batchnorm_rank(bn, layer)  # ConvNd: (N, C, *spatial); Linear: (N, C)
+    if rank_needed is None:
         return None  # BatchNorm2d/3d accept only that rank
     rank = rank_of(layer.output)
     if rank is None:
@@ -88,6 +90,15 @@ def batchnorm_problem(bn: BatchNormStats, layer: Op) -> str | None:
     if rank != rank_needed:
         return f"BatchNorm normalises axis 1 of a rank-{rank} tensor, not the layer's channel axis"
     return None
+
+
+def batchnorm_rank(bn: BatchNormStats, layer: Op) -> int | None:
+    """The rank ``layer``'s output must have for ``bn`` to normalise its channels, when ``bn`` itself
+    does not enforce it (BatchNorm1d takes ranks 2 and 3, a functional BatchNorm any rank ≥ 2): a
+    Linear → BatchNorm1d fold proven on 2-D examples is wrong on 3-D inputs, where axis 1 is the
+    sequence. None when BatchNorm2d/3d's own check guarantees it."""
+    rank_needed = layer.weight.dim() if layer.is_conv else 2
+    return None if bn.rank == rank_needed else rank_needed
 
 
 def affine_between(layer: Op, middle: list[Op], tau: float) -> ChannelAffine | str:
@@ -107,6 +118,7 @@ def affine_between(layer: Op, middle: list[Op], tau: float) -> ChannelAffine | s
             if problem:
                 return problem
             affine = affine.then(*batchnorm_affine(op.stats))
+            affine.rank = batchnorm_rank(op.stats, layer) or affine.rank
         else:
             return f"{op.output.name} is not a per-channel affine map"
     return affine

@@ -15,8 +15,10 @@ skips the copy).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import operator
 from typing import Any, Iterable
 
 import torch
@@ -27,8 +29,9 @@ from torch.utils import _pytree as pytree
 from .errors import InputError, TraceError, UnsupportedModelError
 from .exported import ExportedGraphModule
 from .inputs import Inputs, describe_type
-from .ir import DIALECT_KEY, dialect, fetch_attr
-from .verify import propagate_shapes
+from .ir import DIALECT_KEY, dialect
+from .rewrite import drop_unread_tensors
+from .verify import propagate_shapes, unchanged_buffers
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CAPTURES = ("export", "fx")
@@ -65,6 +68,12 @@ def check_model(model: Any) -> None:
             f"{type(model).__name__} has no parameters: there is nothing to rewrite. Pass the model after its "
             "layers are built (an empty nn.Sequential() computes the identity)."
         )
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if meta:
+        raise UnsupportedModelError(
+            f"{meta[0]!r} is on the meta device: it has a shape but no values, so nothing can be computed or "
+            "checked. Fix: materialise the weights first (model.to_empty(device='cpu') then load_state_dict, or "
+            "build the model outside torch.device('meta')).")
     for name, param in model.named_parameters():
         if param.is_quantized or param.dtype not in FLOAT_DTYPES:
             raise UnsupportedModelError(
@@ -96,6 +105,12 @@ def capture(model: nn.Module | torch.export.ExportedProgram, inputs: Inputs | No
         target = plain_graph_module(target, type(target).__name__) if aten else target
         target.meta["fxfuse_capture"] = "export" if aten else "fx"
         return target  # already a graph: retracing could lose what its tracer handled
+    if model._forward_hooks or model._forward_pre_hooks:
+        raise TraceError(
+            f"{type(model).__name__} has forward hooks on the model itself: they run around forward, so no capture "
+            "of forward holds them. Fix: optimize a copy without them and register them on the result: "
+            "m = copy.deepcopy(model); m._forward_hooks.clear(); m._forward_pre_hooks.clear(); "
+            "gm = fxfuse.optimize(m, ...); gm.register_forward_hook(hook).")
     methods = ("fx",) if leaf_modules or concrete_args is not None else AUTO_ORDER if method == "auto" else (method,)
     eager = None if inputs is None else run_model(target, inputs)
     failures = []
@@ -104,7 +119,8 @@ def capture(model: nn.Module | torch.export.ExportedProgram, inputs: Inputs | No
             failures.append("export: needs example inputs (torch.export runs the model on them)")
             continue
         try:
-            gm = _export(target, inputs) if name == "export" else _trace(target, leaf_modules, concrete_args, inputs)
+            with unchanged_buffers(target):
+                gm = _export(target, inputs) if name == "export" else _trace(target, leaf_modules, concrete_args, inputs)
         except Exception as e:  # torch raises many types (TraceError, TypeError, UserError, NotImplementedError ...)
             failures.append(f"{name}: {type(e).__name__}: {_first_line(e)}")
             continue
@@ -148,11 +164,7 @@ def plain_graph_module(gm: fx.GraphModule, name: str) -> fx.GraphModule:
     class (the ops themselves check the shapes again), and without the tensors no op reads."""
     for node in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
         gm.graph.erase_node(node)
-    attrs = gm.graph.find_nodes(op="get_attr")
-    read = {id(fetch_attr(gm, n.target)) for n in attrs if n.users}
-    for node in attrs:  # a tensor forward never reads (an eval-mode auxiliary head), as symbolic_trace leaves out;
-        if not node.users and id(fetch_attr(gm, node.target)) not in read:  # a tied alias of a read one stays
-            gm.graph.erase_node(node)
+    drop_unread_tensors(gm)  # a tensor forward never reads (an eval-mode auxiliary head), as symbolic_trace leaves out
     gm.graph._tracer_cls = None
     plain = ExportedGraphModule(gm, gm.graph, name)
     plain.meta[DIALECT_KEY] = "aten"
@@ -182,15 +194,55 @@ def dynamic_shapes(model: nn.Module, inputs: Inputs):
 
 
 def _trace(target: nn.Module, leaf_modules, concrete_args: dict | None, inputs: Inputs | None) -> fx.GraphModule:
-    """``torch.fx`` symbolic tracing; ``None`` example arguments become concrete (``concrete_args``)."""
-    if inputs is not None and concrete_args is None:
-        bound = inspect.signature(target.forward).bind(*inputs.args, **inputs.kwargs)
-        concrete_args = {k: None for k, v in bound.arguments.items() if v is None} or None
+    """``torch.fx`` symbolic tracing; arguments that are ``None`` or Python scalars (given so, or
+    left at such a default) become constants (``concrete_args``): symbolic_trace would otherwise
+    trace ``if mask is not None`` as true. The graph guards them: another value passed later fails
+    with "mask has been specialized to have value None"."""
+    if concrete_args is None:
+        concrete_args = _constant_arguments(target, inputs) or None
     tracer = _LeafTracer(tuple(leaf_modules))
-    graph = tracer.trace(target, concrete_args=concrete_args)
+    versions = {name: b._version for name, b in target.named_buffers()}
+    with _augmented_assignment_in_place():
+        graph = tracer.trace(target, concrete_args=concrete_args)
+    updated = [name for name, b in target.named_buffers() if b._version != versions.get(name)]
+    if updated:  # an update that reads no input ran once on the real tensor, and is not in the graph
+        raise TraceError(f"forward updates buffer {updated[0]!r} in a way symbolic_trace cannot record")
     gm = fx.GraphModule(tracer.root, graph, type(target).__name__)
     gm.meta[DIALECT_KEY] = "torch"
     return gm
+
+
+def _constant_arguments(target: nn.Module, inputs: Inputs | None) -> dict:
+    """``forward``'s arguments that are None or a Python scalar in this call (passed so, or left at
+    such a default), by name: what symbolic_trace should see as constants."""
+    signature = inspect.signature(target.forward)
+    bound = signature.bind_partial(*inputs.args, **inputs.kwargs) if inputs is not None else signature.bind_partial()
+    plain = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    values = {name: bound.arguments.get(name, p.default) for name, p in signature.parameters.items() if p.kind in plain}
+    return {name: v for name, v in values.items() if v is None or type(v) in (bool, int, float, str)}
+
+
+AUGMENTED_ASSIGNMENTS = {"__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+                         "__itruediv__": operator.itruediv, "__ifloordiv__": operator.ifloordiv,
+                         "__imod__": operator.imod, "__ipow__": operator.ipow, "__iand__": operator.iand,
+                         "__ior__": operator.ior, "__ixor__": operator.ixor, "__ilshift__": operator.ilshift,
+                         "__irshift__": operator.irshift}
+
+
+@contextlib.contextmanager
+def _augmented_assignment_in_place():
+    """While tracing, ``h += 1`` records ``operator.iadd(h, 1)`` — in place on a tensor at run time,
+    as in eager — instead of Python's fallback for a Proxy, ``h = h + 1``, after which an alias
+    (``g = h``) would hold the old value in the graph but the new one in the model."""
+    def recorder(function):
+        return lambda self, other: self.tracer.create_proxy("call_function", function, (self, other), {})
+    for name, function in AUGMENTED_ASSIGNMENTS.items():
+        setattr(fx.Proxy, name, recorder(function))
+    try:
+        yield
+    finally:
+        for name in AUGMENTED_ASSIGNMENTS:
+            delattr(fx.Proxy, name)
 
 
 def check_inputs(gm: fx.GraphModule, inputs: Inputs) -> Any:
@@ -208,7 +260,7 @@ def check_inputs(gm: fx.GraphModule, inputs: Inputs) -> Any:
 def run_model(model: nn.Module, inputs: Inputs) -> Any:
     """``model(*args, **kwargs)`` without gradients, or ``InputError`` naming why it fails."""
     try:
-        with torch.no_grad():
+        with torch.no_grad(), unchanged_buffers(model):
             return inputs(model)
     except Exception as e:
         raise InputError(
@@ -223,7 +275,11 @@ class _LeafTracer(fx.Tracer):
         self.leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        """The given leaf types, torch's own layers, and modules with forward hooks: called as
+        modules, their hooks keep running (tracing through them would inline what the hooks compute
+        and drop what they do)."""
+        hooked = bool(m._forward_hooks or m._forward_pre_hooks) and m is not self.root
+        return hooked or isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict):
         """A parameter read as an attribute (``F.layer_norm(x, s, self.weight)``) becomes a get_attr

@@ -23,7 +23,10 @@ class Inputs:
     kwargs: dict = field(default_factory=dict)
 
     def __call__(self, module: Callable) -> Any:
-        return module(*self.args, **self.kwargs)
+        """``module`` on fresh copies of the tensors: a forward that updates its input in place
+        (``x.mul_(2)``) changes neither the caller's tensors nor the next call's inputs."""
+        fresh = self.map(torch.Tensor.clone)
+        return module(*fresh.args, **fresh.kwargs)
 
     def tensors(self) -> list[torch.Tensor]:
         return [x for x in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(x, torch.Tensor)]
@@ -41,7 +44,9 @@ class Inputs:
     def placeholders(self, gm: fx.GraphModule) -> list:
         """The values of ``gm``'s placeholder nodes, in order, for an Interpreter run without
         input processing: the pytree-flattened inputs of an exported graph, or the arguments bound
-        to a traced graph's ``forward`` signature (defaults filled in)."""
+        to a traced graph's ``forward`` signature (defaults filled in). Tensors are fresh copies,
+        as in ``__call__``."""
+        self = self.map(torch.Tensor.clone)
         codegen = gm.graph._codegen
         if isinstance(codegen, fx.graph._PyTreeCodeGen) and codegen.pytree_info.in_spec is not None:
             return list(fx._pytree.tree_flatten_spec((list(self.args), self.kwargs), codegen.pytree_info.in_spec))
@@ -72,7 +77,18 @@ def as_inputs(example_inputs: Any) -> Inputs | None:
             f"example_inputs must be a tensor, a tuple of positional arguments (tensors, None for optional ones) "
             f"or a dict of keyword arguments, got {describe_type(example_inputs)}. Pass what model.forward takes, "
             "e.g. (torch.randn(1, 3, 224, 224),) or {'input_ids': ids, 'attention_mask': mask}.")
+    _check_finite(inputs)
     return inputs
+
+
+def _check_finite(inputs: Inputs) -> None:
+    """Refuse NaN and Inf: every check measures an error relative to the outputs these inputs give,
+    and a NaN there makes every comparison pass (or fail) regardless of the rewrite."""
+    for i, x in enumerate(inputs.tensors()):
+        if x.is_floating_point() and x.device.type != "meta" and not torch.isfinite(x).all():
+            raise InputError(
+                f"example input {i} ({tuple(x.shape)} {x.dtype}) holds NaN or Inf values, which no check can compare. "
+                "Fix: pass finite example inputs (for an additive attention mask use torch.finfo(dtype).min, not -inf).")
 
 
 def describe_type(obj: Any) -> str:

@@ -8,6 +8,7 @@ any set of nodes with several inputs and outputs (a fan-out such as a norm feedi
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -157,3 +158,35 @@ def rank_readers(node: fx.Node) -> list[fx.Node]:
     checks its input so). Every rewrite keeps ranks, so they may read the rewritten value instead."""
     return [u for u in node.users if (u.op == "call_function" and u.target is getattr and u.args[1:] == ("ndim",))
             or (u.op == "call_method" and u.target == "dim" and len(u.args) == 1)]
+
+def updated_in_place(node: fx.Node) -> fx.Node | None:
+    """The value ``node`` updates in place, or None: ``operator.iadd`` (``h += 1``), ``x.add_(1)``,
+    ``F.relu(x, inplace=True)``, a module built with ``inplace=True``, an ATen op that writes its input."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    target = node.target
+    writes = (node.kwargs.get("inplace") is True
+              or node.op == "call_function" and (target in IN_PLACE_OPERATORS or _schema_writes(target))
+              or node.op == "call_method" and target.endswith("_") and not target.startswith("__")
+              or node.op == "call_module" and getattr(node.graph.owning_module.get_submodule(target), "inplace", False) is True)
+    return node.args[0] if writes else None
+
+IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift}
+
+def _schema_writes(target) -> bool:
+    schema = getattr(target, "_schema", None)
+    return schema is not None and bool(schema.arguments) and schema.arguments[0].alias_info is not None \
+        and schema.arguments[0].alias_info.is_write
+
+def updated_within(region: "Chain | Region") -> str | None:
+    """Why ``region`` cannot be replaced at one point of the graph: an input it reads is updated in
+    place between its first and last node (the replacement would read the updated value)."""
+    order = {n: i for i, n in enumerate(region.nodes[0].graph.nodes)}
+    start, end = min(order[n] for n in region.nodes), max(order[n] for n in region.nodes)
+    for x in region.inputs:
+        for user in x.users:
+            if updated_in_place(user) is x and start < order[user] < end:
+                return f"{x.name} is updated in place by {user.name} between the rewritten nodes"
+    return None

@@ -19,10 +19,10 @@ from torch import nn
 
 from .errors import PassError
 from .ir import fetch_attr
-from .match import Chain, Region, chain_where
+from .match import Chain, Region, chain_where, updated_within
 from .report import Row, node_macs, weight_macs
-from .rewrite import replace_region, tidy
-from .verify import precision_floor, record, region_error, dtype_of
+from .rewrite import guard_rank, replace_region, tidy
+from .verify import all_finite, dtype_of, precision_floor, record, region_error
 
 
 @dataclass
@@ -49,6 +49,9 @@ class Candidate:
     tolerance: float = 1e-5
     # approximate rewrites: recorded input -> per-sample L2 bounds (Eq. 4–5, proven) on the error
     bounds: Callable[[torch.Tensor], tuple[float, float]] | None = None
+    # exact only when the region's (first) input has this rank, seen on the example inputs: the
+    # rewritten graph checks it (``fxfuse.rewrite.guard_rank``) so other ranks fail loudly
+    input_rank: int | None = None
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -75,33 +78,44 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], options: Options,
     return rows
 
 
+UNMEASURABLE = "the activations it reads hold NaN or Inf on the example inputs, so its error cannot be measured"
 MAX_ROUNDS = 64  # a chain of 2^64 layers collapses in fewer rounds; a pass needing more never settles
 
 
 def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
     rows, rejected = [], set()
     for _ in range(MAX_ROUNDS):
-        found = [c for c in p.candidates(gm, options) if c.key not in rejected]
+        found = [_unless_updated_within(c) for c in p.candidates(gm, options) if c.key not in rejected]
         runnable = [c.replacement is not None and (c.exact or not options.data_free) for c in found]
         todo = _without_overlaps([c for c, ok in zip(found, runnable) if ok])
         skipped = [c for c, ok in zip(found, runnable) if not ok]
         wanted = {x for c in todo for x in c.region.inputs}
         values = record(gm, inputs, wanted) if inputs is not None and todo else {}
         interp = fx.Interpreter(gm) if values else None
+        readers = Readers.of_graph(gm) if todo else None
         applied = 0
         for c in todo:
             xs = [values[x] for x in c.region.inputs] if values else None
+            if xs and not all_finite(xs):  # NaN/Inf reached the region: its error cannot be measured
+                if not c.exact:
+                    rows.append(Row(p.name, "skipped", chain_where(gm, c.region), reason=UNMEASURABLE))
+                    rejected.add(c.key)
+                    continue
+                xs = None  # a provably exact rewrite is applied as without example inputs
             if xs:
                 c.tolerance = max(c.tolerance, precision_floor(dtype_of(xs)))
             error, bounds, macs_after = region_error(interp, c, xs) if xs else (None, (None, None), None)
             accepted = error is None or error <= c.tolerance
-            row = _row(gm, p.name, c, error, accepted, macs_after)
+            row = _row(gm, p.name, c, error, accepted, macs_after, readers)
             row.bound_eq4, row.bound_proven = bounds
             if not accepted:
                 row.reason = f"error {error:.2e} > tolerance {c.tolerance:g}"
                 rejected.add(c.key)
             else:
                 row.reason = _warn_about_hooks(gm, c, p.name)
+                if c.input_rank is not None:
+                    guard_rank(gm, c.region, c.input_rank, f"fxfuse's {p.name} of {', '.join(row.where)}")
+                    row.reason = "; ".join(filter(None, [row.reason, f"holds for rank-{c.input_rank} inputs only: checked on every call"]))
                 replace_region(gm, c.region, c.replacement, p.name)
                 applied += 1
             rows.append(row)
@@ -112,6 +126,11 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
             return rows
         tidy(gm)
     raise RuntimeError(f"still rewriting after {MAX_ROUNDS} rounds: the pass never reaches a fixed point")
+
+
+def _unless_updated_within(c: Candidate) -> Candidate:
+    reason = updated_within(c.region) if c.replacement is not None else None
+    return Candidate(c.region, reason=reason) if reason else c
 
 
 def _warn_about_hooks(gm: fx.GraphModule, c: Candidate, pass_name: str) -> str:
@@ -139,8 +158,10 @@ def _without_overlaps(candidates: list[Candidate]) -> list[Candidate]:
     return kept
 
 
-def _row(gm, pass_name: str, c: Candidate, error: float | None, accepted: bool, macs_after: int | None) -> Row:
-    """The report row of a verified candidate; a rejected one shows the region unchanged."""
+def _row(gm, pass_name: str, c: Candidate, error: float | None, accepted: bool, macs_after: int | None,
+         readers: "Readers") -> Row:
+    """The report row of a verified candidate; a rejected one shows the region unchanged. Its
+    parameters before are those the rewrite frees (``Readers.freed``)."""
     macs = [node_macs(gm, n) for n in c.region.nodes]
     out_meta = c.region.outputs[0].meta.get("tensor_meta")
     weight = getattr(c.replacement, "weight", None)
@@ -148,7 +169,7 @@ def _row(gm, pass_name: str, c: Candidate, error: float | None, accepted: bool, 
     macs_before = sum(macs) if known else None
     if macs_after is None and known and not isinstance(c.replacement, fx.GraphModule):
         macs_after = 0 if weight is None else weight_macs(out_meta.shape, weight)
-    params_before = sum(p.numel() for p in _params(gm, c.region.nodes))
+    params_before = sum(p.numel() for p in readers.freed(gm, c.region.nodes))
     params_after = sum(p.numel() for p in c.replacement.parameters())
     if not accepted:
         params_after, macs_after = params_before, macs_before
@@ -157,18 +178,52 @@ def _row(gm, pass_name: str, c: Candidate, error: float | None, accepted: bool, 
                macs_after=macs_after if known else None, error=error, exact=c.exact, tolerance=c.tolerance)
 
 
-def _params(gm: fx.GraphModule, nodes: list[fx.Node]) -> list[torch.Tensor]:
+def _params(gm: fx.GraphModule, nodes: list[fx.Node], side: set) -> list[torch.Tensor]:
     """The parameters the chain's nodes read (modules they call, get_attr inputs), each once."""
-    found = {}
-    for node in nodes:
-        if node.op == "call_module":
-            found.update((id(p), p) for p in gm.get_submodule(node.target).parameters())
-        for a in node.all_input_nodes:
-            if a.op == "call_function" and a.args and isinstance(a.args[0], fx.Node):  # aten.t(weight)
-                a = a.args[0]
-            if a.op == "get_attr":
-                t = fetch_attr(gm, a.target)
-                if isinstance(t, nn.Parameter):
-                    found[id(t)] = t
-    return list(found.values())
+    return list({id(p): p for node in nodes for p in _read_params(gm, node, side)}.values())
 
+
+@dataclass
+class Readers:
+    """Which nodes read each parameter (by id), with the weight-side nodes (get_attrs and ops on
+    get_attrs alone, such as ``aten.t(weight)``), which count as part of the op that reads them."""
+
+    side: set
+    of: dict
+
+    @classmethod
+    def of_graph(cls, gm: fx.GraphModule) -> "Readers":
+        side = set()
+        for node in gm.graph.nodes:  # in graph order: a node's inputs are classified before it
+            if node.op == "get_attr" or (node.op == "call_function" and node.all_input_nodes
+                                         and all(a in side for a in node.all_input_nodes)):
+                side.add(node)
+        of: dict[int, set] = {}
+        for node in gm.graph.nodes:
+            if node not in side:
+                for p in _read_params(gm, node, side):
+                    of.setdefault(id(p), set()).add(node)
+        return cls(side, of)
+
+    def freed(self, gm: fx.GraphModule, nodes: list[fx.Node]) -> list[torch.Tensor]:
+        """The parameters only ``nodes`` read: what their rewrite frees (a weight tied to an
+        embedding that stays, or a module called elsewhere too, is not)."""
+        inside = set(nodes)
+        return [p for p in _params(gm, nodes, self.side) if self.of.get(id(p), set()) <= inside]
+
+
+def _read_params(gm: fx.GraphModule, node: fx.Node, side: set):
+    if node.op == "call_module":
+        yield from gm.get_submodule(node.target).parameters()
+    for a in node.all_input_nodes:
+        for attr in _attr_sources(a, side):
+            t = fetch_attr(gm, attr.target)
+            if isinstance(t, nn.Parameter):
+                yield t
+
+
+def _attr_sources(node: fx.Node, side: set) -> list[fx.Node]:
+    """The get_attr nodes a weight-side ``node`` is computed from (none for an activation)."""
+    if node.op == "get_attr":
+        return [node]
+    return [a for x in node.all_input_nodes for a in _attr_sources(x, side)] if node in side else []

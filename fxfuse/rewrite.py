@@ -6,6 +6,8 @@ result re-exports, compiles and lowers to ONNX. Dead nodes and the tensors only 
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -78,6 +80,16 @@ def replace_nodes(gm: fx.GraphModule, nodes: list[fx.Node], input: fx.Node, targ
     with gm.graph.inserting_after(nodes[-1]):
         new = gm.graph.call_module(target, (input,))
     return _take_over(gm, nodes, new, origin)
+
+def guard_rank(gm: fx.GraphModule, region: Chain | Region, rank: int, rewrite: str) -> None:
+    """Check, before ``region`` runs, that its input has ``rank`` dims (``torch._assert``, which
+    export and ONNX evaluate at trace time): ``rewrite`` was proven for that rank only."""
+    x = region.inputs[0]
+    message = (f"{rewrite} holds for rank-{rank} inputs, got another rank: optimize the model on example "
+               f"inputs of this rank, or without that pass (optimize(..., passes=[...]))")
+    with gm.graph.inserting_before(min(region.nodes, key=_position(gm))):
+        dims = gm.graph.call_method("dim", (x,))
+        gm.graph.call_function(torch._assert, (gm.graph.call_function(operator.eq, (dims, rank)), message))
 
 def emit(gm: fx.GraphModule, target: str, x: fx.Node, *more: fx.Node) -> fx.Node:
     """The node computing submodule ``target`` on ``x``, in the graph's dialect: a ``call_module``,
@@ -178,8 +190,19 @@ def register(owner: nn.Module, name: str, value) -> None:
     else:
         owner.register_buffer(name, value)
 
+def drop_unread_tensors(gm: fx.GraphModule) -> None:
+    """Erase the get_attr nodes nothing reads (``_ = self.fc.weight``), and their tensors, so a
+    weight a rewrite replaced is really gone; a dead alias of a tensor that is read (a tied
+    embedding's second name) stays."""
+    attrs = gm.graph.find_nodes(op="get_attr")
+    read = {id(fetch_attr(gm, n.target)) for n in attrs if n.users}
+    for node in attrs:
+        if not node.users and id(fetch_attr(gm, node.target)) not in read:
+            _erase_attr_node(gm, node)
+
 def tidy(gm: fx.GraphModule) -> None:
-    """Drop the modules no node calls any more, then regenerate ``forward``."""
+    """Drop the tensors and modules nothing reads or calls any more, then regenerate ``forward``."""
+    drop_unread_tensors(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -38,16 +38,50 @@ def precision_floor(dtype: torch.dtype) -> float:
 
 
 def rel_error(new, ref) -> float:
-    """max |new - ref| / max |ref| over every tensor of (possibly nested) outputs, in float64."""
+    """max |new - ref| / max |ref| over every tensor of (possibly nested) outputs, in float64.
+
+    Infinite when the outputs differ in structure or shape, or hold NaN/±Inf in other places than
+    the reference: a NaN never compares as "close"."""
     new_leaves, ref_leaves = torch.utils._pytree.tree_leaves(new), torch.utils._pytree.tree_leaves(ref)
+    if len(new_leaves) != len(ref_leaves):
+        return math.inf
     worst = 0.0
     for a, b in zip(new_leaves, ref_leaves):
         if isinstance(b, torch.Tensor) and b.is_floating_point():
+            if not isinstance(a, torch.Tensor) or a.shape != b.shape:
+                return math.inf
             a, b = a.detach().double(), b.detach().double()
+            bad = ~torch.isfinite(b)
+            if bad.any() or not torch.isfinite(a).all():
+                if not torch.equal(~torch.isfinite(a), bad) or not torch.equal(a[bad].nan_to_num(), b[bad].nan_to_num()):
+                    return math.inf
+                a, b = a[~bad], b[~bad]
             scale = b.abs().max().item() if b.numel() else 0.0
             diff = (a - b).abs().max().item() if b.numel() else 0.0
             worst = max(worst, diff / max(scale, 1e-30))
-    return worst if math.isfinite(worst) else math.inf
+    return worst
+
+
+def all_finite(value) -> bool:
+    """True when every floating tensor in ``value`` holds only finite numbers."""
+    return all(torch.isfinite(x).all() for x in torch.utils._pytree.tree_leaves(value)
+               if isinstance(x, torch.Tensor) and x.is_floating_point())
+
+
+@contextlib.contextmanager
+def unchanged_buffers(module: torch.nn.Module):
+    """Leave no trace of the calls made inside in ``module``'s buffers (a running max, a step
+    counter updated in forward): each verification run starts from the state the model was given
+    in, and the returned model keeps that state. A buffer rebound in forward is put back too."""
+    saved = [(owner, name, t, t.detach().clone()) for owner in module.modules()
+             for name, t in owner._buffers.items() if t is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, t, value in saved:
+                t.copy_(value) if t.shape == value.shape else t.set_(value)  # an observer resizes its min/max
+                owner._buffers[name] = t
 
 
 class NestedShapeProp(ShapeProp):
@@ -86,7 +120,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs):
 def run_graph(interpreter: fx.Interpreter, gm: fx.GraphModule, inputs):
     """Run ``interpreter`` on the graph's placeholders (``Inputs.placeholders``): no input or output
     processing, so an exported graph's pytree signature and a traced graph's keywords both work."""
-    with full_precision():
+    with full_precision(), unchanged_buffers(gm):
         return interpreter.run(*as_inputs(inputs).placeholders(gm), enable_io_processing=False)
 
 def dtype_of(values: list) -> torch.dtype:

@@ -85,5 +85,5 @@ class CollapseLinear:
                 bounds = partial(_bounds_on, first, second, affine.slope_deviation) if plain else None
                 found.append(Candidate(chain, module, exact=affine.exact,
                                        tolerance=options.tolerance if affine.exact else options.approx_tolerance,
-                                       bounds=None if affine.exact else bounds))
+                                       bounds=None if affine.exact else bounds, input_rank=affine.rank))
         return found

@@ -61,5 +61,6 @@ class ComposeConv:
                 found.append(Candidate(chain, reason=f"compression gain (Eq. 8, corrected) {gain:.2f} ≤ 0"))
                 continue
             found.append(Candidate(chain, compose_convs(first, second, affine), exact=affine.exact,
-                                   tolerance=options.conv_tolerance if affine.exact else options.approx_tolerance))
+                                   tolerance=options.conv_tolerance if affine.exact else options.approx_tolerance,
+                                   input_rank=affine.rank))
         return found

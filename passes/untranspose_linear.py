@@ -7,7 +7,8 @@ chain; once LayerCollapse leaves one Linear in it, the two transposes' copies ar
 to pay for. Exact up to float summation order (the same products and sums).
 
 Matches ``x.transpose(a, b)`` / ``torch.transpose`` where {a, b} are the last two axes (negative
-axes, or the rank from example inputs) and the Linear's output feeds only the second transpose.
+axes, or the rank from example inputs, which the result then checks on every call) and the Linear's
+output feeds only the second transpose.
 """
 from __future__ import annotations
 
@@ -64,5 +65,7 @@ class UntransposeLinear:
             layer = chain.middle[0]
             bias = None if layer.bias is None else layer.bias.detach().clone()
             module = LeftLinear(layer.weight.detach().clone(), bias).requires_grad_(layer.weight.requires_grad)
-            found.append(Candidate(chain, module.eval(), tolerance=options.tolerance))
+            negative = all(a < 0 for node in (first, last) for a in swapped_axes(node))
+            found.append(Candidate(chain, module.eval(), tolerance=options.tolerance,
+                                   input_rank=None if negative else rank_of(first)))
         return found
