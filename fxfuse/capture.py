@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import InputError, TraceError, UnsupportedModelError
-from .exported import ExportedGraphModule
+from .exported import ExportedGraphModule, guard_static_shapes
 from .inputs import Inputs, describe_type
 from .ir import DIALECT_KEY, dialect
 from .rewrite import drop_unread_tensors
@@ -160,10 +160,12 @@ def _export(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
 
 def plain_graph_module(gm: fx.GraphModule, name: str) -> fx.GraphModule:
     """An ``ep.module()`` as a GraphModule that pickles (``ExportedGraphModule``), deep-copies and
-    can be put in eval mode: without export's input-guard call, its unpicklable hooks and tracer
-    class (the ops themselves check the shapes again), and without the tensors no op reads."""
+    can be put in eval mode: export's input-guard call (unpicklable) replaced by fxfuse's check of
+    the sizes the graph is specialised to (``guard_static_shapes``), without its hooks and tracer
+    class, and without the tensors no op reads."""
     for node in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
         gm.graph.erase_node(node)
+    guard_static_shapes(gm)
     drop_unread_tensors(gm)  # a tensor forward never reads (an eval-mode auxiliary head), as symbolic_trace leaves out
     gm.graph._tracer_cls = None
     plain = ExportedGraphModule(gm, gm.graph, name)

@@ -15,6 +15,37 @@ from torch import nn
 KEPT_META = ("nn_module_stack", "fxfuse_origin")
 
 
+def check_static_shape(x, rank: int, sizes: dict, name: str) -> None:
+    """Raise ``InputError`` when ``x`` has another rank, or another size in a dimension the
+    capture made static, than the exported graph was specialised to (torch.export fixes a size-1
+    batch and any size that the model's code pins). A graph op, so re-exports run it too."""
+    if not isinstance(x, torch.Tensor):
+        return
+    wrong = x.dim() != rank or any(x.shape[d] != size for d, size in sizes.items())
+    if wrong:
+        from .errors import InputError
+        shown = ", ".join(f"dim {d} = {size}" for d, size in sizes.items()) or "no fixed size"
+        raise InputError(
+            f"input {name!r} has shape {tuple(x.shape)}, but this graph was captured by torch.export for rank-{rank} "
+            f"inputs with {shown}. Fix: optimize the model with example inputs of the shape it will run at "
+            "(a batch of at least 2 keeps the batch size free).")
+
+
+def guard_static_shapes(gm: fx.GraphModule) -> None:
+    """Insert ``check_static_shape`` for every tensor placeholder of an exported graph, from the
+    placeholders' ``meta['val']`` (symbolic sizes stay free)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    if not placeholders:
+        return
+    with gm.graph.inserting_after(placeholders[-1]):
+        for node in reversed(placeholders):
+            val = node.meta.get("val")
+            guarded = any(u.target is check_static_shape for u in node.users)
+            if isinstance(val, torch.Tensor) and not guarded:
+                sizes = {d: s for d, s in enumerate(val.shape) if isinstance(s, int)}
+                gm.graph.call_function(check_static_shape, (node, val.dim(), sizes, node.name))
+
+
 class ExportedGraphModule(fx.GraphModule):
     """``fx.GraphModule`` whose pickle holds its graph, not code to re-trace (see the module doc)."""
 

@@ -1,6 +1,7 @@
 """What real code does, class by class: the result computes the original's function on every input
 the original accepts (other batch sizes and ranks too), or optimize refuses with a named error, or
-the result refuses the inputs it is not proven for. Every test runs on both captures (conftest)."""
+the result refuses the inputs it is not proven for (a rank guard; an exported graph's static sizes).
+Every test runs on both captures (conftest)."""
 import copy
 import math
 
@@ -15,7 +16,8 @@ from conftest import randomize_batchnorm
 from fxfuse.optimize import float64_errors
 from fxfuse.verify import rel_error
 
-SPECIALISED = "holds for rank-"  # the first words of the rank guard's message
+SPECIALISED = "holds for rank-"  # the rank guard's message
+CAPTURED_FOR = "captured by torch.export for rank-"  # the exported graph's own shape guard
 
 
 def same_function_or_refused(model, example, fresh: list, **kwargs) -> list:
@@ -38,8 +40,8 @@ def same_function_or_refused(model, example, fresh: list, **kwargs) -> list:
                     continue  # the original does not take it either
                 try:
                     got = gm(*x)
-                except AssertionError as e:
-                    assert SPECIALISED in str(e), e
+                except (AssertionError, fxfuse.InputError) as e:  # a named refusal of what it is not proven for
+                    assert SPECIALISED in str(e) or CAPTURED_FOR in str(e), e
                     continue
             assert rel_error(got, expected) <= 1e-5, f"{'with' if inputs else 'without'} example inputs"
         reports.append(fxfuse.report_of(gm))
@@ -350,7 +352,7 @@ def test_a_linear_batchnorm1d_fold_proven_on_2d_inputs_refuses_3d_ones():
     reports = same_function_or_refused(model, (torch.randn(2, 8),), [torch.randn(5, 8), three_d])
     assert reports[0].applied and SPECIALISED in reports[0].applied[0].reason
     gm = fxfuse.optimize(model, (torch.randn(2, 8),))
-    with pytest.raises(AssertionError, match="rank-2"):
+    with pytest.raises((AssertionError, fxfuse.InputError), match="rank-2"):
         gm(three_d)
 
 
@@ -374,6 +376,26 @@ def test_a_transpose_pair_proven_on_rank_3_refuses_rank_4():
     model = TokenMixer().eval()
     same_function_or_refused(model, (torch.randn(2, 6, 4),), [torch.randn(3, 6, 5), torch.randn(2, 3, 6, 6)],
                              passes=ALL_PASSES)
+
+
+class Regroup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(8, 8), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc2(self.fc(x).reshape(x.shape[0], 2, 4))
+
+
+def test_a_graph_specialised_to_a_batch_of_one_refuses_other_batches():
+    """torch.export fixes a size-1 batch (its 0/1 specialisation): reshape(1, 2, 4) would then
+    silently regroup a batch of 3; the exported graph's shape check refuses it instead."""
+    model = Regroup().eval()
+    same_function_or_refused(model, (torch.randn(1, 8),), [torch.randn(1, 8), torch.randn(3, 8)])
+    gm = fxfuse.optimize(model, (torch.randn(2, 8),))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert rel_error(gm(x), model(x)) <= 1e-5  # a batch of 2 keeps the batch size free
 
 
 # 7. Raw crashes instead of named errors.
