@@ -151,13 +151,13 @@ def _refuse_random_output(gm: fx.GraphModule, inputs: Inputs, reference, toleran
 
 def float64_errors(model: nn.Module, inputs: Inputs, *outputs) -> list[float]:
     """Max relative error of each of ``outputs`` against ``model`` computed in float64 on ``inputs``."""
-    exact = _double(model)
+    exact = float64_copy(model)
     with full_precision():
         truth = as_inputs(inputs).map(lambda x: x.double() if x.is_floating_point() else x)(exact)
     return [rel_error(out, truth) for out in outputs]
 
 
-def _double(model: nn.Module) -> nn.Module:
+def float64_copy(model: nn.Module) -> nn.Module:
     """A float64 copy of ``model``: parameters, buffers and the plain tensor attributes that
     ``.double()`` leaves alone (``self.scale = torch.tensor(0.5)``)."""
     exact = copy.deepcopy(model).double()

@@ -9,7 +9,6 @@ books: overlap filtering, local verification against the original region on reco
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -85,7 +84,7 @@ MAX_ROUNDS = 64  # a chain of 2^64 layers collapses in fewer rounds; a pass need
 def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
     rows, rejected = [], set()
     for _ in range(MAX_ROUNDS):
-        found = [_unless_updated_within(c) for c in p.candidates(gm, options) if c.key not in rejected]
+        found = [_unless_unsafe(gm, c) for c in p.candidates(gm, options) if c.key not in rejected]
         runnable = [c.replacement is not None and (c.exact or not options.data_free) for c in found]
         todo = _without_overlaps([c for c, ok in zip(found, runnable) if ok])
         skipped = [c for c, ok in zip(found, runnable) if not ok]
@@ -112,10 +111,9 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
                 row.reason = f"error {error:.2e} > tolerance {c.tolerance:g}"
                 rejected.add(c.key)
             else:
-                row.reason = _warn_about_hooks(gm, c, p.name)
                 if c.input_rank is not None:
                     guard_rank(gm, c.region, c.input_rank, f"fxfuse's {p.name} of {', '.join(row.where)}")
-                    row.reason = "; ".join(filter(None, [row.reason, f"holds for rank-{c.input_rank} inputs only: checked on every call"]))
+                    row.reason = f"holds for rank-{c.input_rank} inputs only: checked on every call"
                 replace_region(gm, c.region, c.replacement, p.name)
                 applied += 1
             rows.append(row)
@@ -128,19 +126,16 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
     raise RuntimeError(f"still rewriting after {MAX_ROUNDS} rounds: the pass never reaches a fixed point")
 
 
-def _unless_updated_within(c: Candidate) -> Candidate:
-    reason = updated_within(c.region) if c.replacement is not None else None
-    return Candidate(c.region, reason=reason) if reason else c
-
-
-def _warn_about_hooks(gm: fx.GraphModule, c: Candidate, pass_name: str) -> str:
-    """Warn (and return a note) when modules with hooks are rewritten away: their hooks stop running."""
+def _unless_unsafe(gm: fx.GraphModule, c: Candidate) -> Candidate:
+    """``c``, or a skip when applying it could change what else the model does: an input updated
+    in place between its nodes, or a module with hooks it would rewrite away (a hook may change the
+    output, or record it; neither may stop silently)."""
+    if c.replacement is None:
+        return c
     hooked = [n.target for n in c.region.nodes if n.op == "call_module" and _has_hooks(gm.get_submodule(n.target))]
-    if not hooked:
-        return ""
-    note = f"hooks on {', '.join(hooked)} no longer run (the module was rewritten away)"
-    warnings.warn(f"fxfuse {pass_name}: {note}; exclude the pass or remove the hooks to silence this", stacklevel=4)
-    return note
+    reason = updated_within(c.region) or (
+        f"{', '.join(hooked)} has hooks, which would stop running: remove them to allow the rewrite" if hooked else "")
+    return Candidate(c.region, reason=reason) if reason else c
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -65,17 +65,18 @@ def test_requires_grad_flags_are_kept():
     assert not any(p.requires_grad for p in gm.parameters())
 
 
-def test_hooks_on_untouched_modules_still_run_and_rewritten_ones_warn():
+def test_hooks_keep_running_and_block_the_rewrite_of_their_module():
     model = nn.Sequential(nn.Linear(8, 64), nn.PReLU(init=1.0), nn.Linear(64, 8), nn.LayerNorm(8)).eval()
     seen = []
     model[3].register_forward_hook(lambda m, i, o: seen.append("norm"))
     model[0].register_forward_hook(lambda m, i, o: seen.append("fc1"))
-    with pytest.warns(UserWarning, match="hooks on 0 no longer run"):
-        gm = fxfuse.optimize(model, (torch.randn(2, 8),))
-    seen.clear()
-    gm(torch.randn(2, 8))
-    assert seen == ["norm"]
-    assert "hooks" in fxfuse.report_of(gm).applied[0].reason
+    for inputs in ((torch.randn(2, 8),), None):
+        gm = fxfuse.optimize(model, inputs)
+        seen.clear()
+        gm(torch.randn(2, 8))
+        assert seen == ["fc1", "norm"]
+        report = fxfuse.report_of(gm)
+        assert not report.applied and "0 has hooks" in report.skipped[0].reason
 
 
 def test_report_names_modules_by_their_paths_in_the_users_model():
