@@ -3,7 +3,10 @@
     python benchmarks/fuzz.py --graphs 20000 --workers 2 --capture export --out benchmarks/results/fuzz_export.json
 
 Every graph is optimized with and without example inputs and compared with the original on fresh
-inputs. A failure is recorded with its seed; replay it with ``fuzzing.check(seed)``.
+inputs (another batch size and rank too). A refusal counts as one only with a reason the program
+has (``fuzzing.refusal_reasons``: hooks on the model, a buffer update symbolic_trace cannot record,
+in-place updates, NaN/Inf example inputs); a wrong result, a crash or another refusal is a failure,
+recorded with its seed; replay it with ``fuzzing.check(seed)``.
 """
 from __future__ import annotations
 
@@ -30,15 +33,15 @@ def run_chunk(job: tuple[range, str]) -> dict:
     if capture == "fx":
         import fxfuse.capture
         fxfuse.capture.AUTO_ORDER = ("fx",)
-    applied = skipped = 0
+    applied = skipped = refused = 0
     failures = []
     for seed in seeds:
         try:
             outcome = check(seed)
-            applied, skipped = applied + outcome.applied, skipped + outcome.skipped
+            applied, skipped, refused = applied + outcome.applied, skipped + outcome.skipped, refused + outcome.refused
         except Exception as e:  # a wrong rewrite (AssertionError) or a crash: both are failures
             failures.append({"seed": seed, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
-    return {"graphs": len(seeds), "applied": applied, "skipped": skipped, "failures": failures}
+    return {"graphs": len(seeds), "applied": applied, "skipped": skipped, "refused": refused, "failures": failures}
 
 
 def main() -> None:
@@ -60,14 +63,15 @@ def main() -> None:
             done = sum(p["graphs"] for p in parts)
             print(f"{done} graphs, {sum(len(p['failures']) for p in parts)} failures, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
-    total = {k: sum(p[k] for p in parts) for k in ("graphs", "applied", "skipped")}
+    total = {k: sum(p[k] for p in parts) for k in ("graphs", "applied", "skipped", "refused")}
     failures = [f for p in parts for f in p["failures"]]
     result = {"command": "python " + " ".join(sys.argv), "seeds": [args.start, args.start + args.graphs],
               **total, "wrong_or_crashed": len(failures), "failures": failures[:50],
               "capture": args.capture, "seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
               "python": platform.python_version(), "cpus": os.cpu_count()}
     print(f"{total['graphs']} graphs, {total['applied']} rewrites applied, {total['skipped']} candidates skipped, "
-          f"{len(failures)} wrong or crashed, {result['seconds']} s")
+          f"{total['refused']} optimize calls refused with the program's reason, {len(failures)} wrong or crashed, "
+          f"{result['seconds']} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -38,7 +38,14 @@ def optimize(model: nn.Module | torch.export.ExportedProgram, example_inputs: An
     slopes within ``tau`` of 1 but not 1), and the whole graph is checked against the original
     (which must give the same output twice: a model random in eval mode is refused).
     Without them only provably exact rewrites run. ``model`` is left unchanged: the rewrite works
-    on a deep copy unless ``inplace=True`` (then the result shares the untouched layers' tensors).
+    on a deep copy unless ``inplace=True`` (then the result shares the untouched layers' tensors);
+    every check runs on copies of the inputs and puts the buffers back as they were.
+
+    The result computes the model's function on every input the model accepts, or refuses what it
+    is specialised to: a rank a rewrite's exactness depends on (Linear → BatchNorm1d proven on 2-D
+    examples raises AssertionError on 3-D inputs; the report row says "holds for rank-2 inputs
+    only"), and in an exported graph the sizes torch.export fixed (a batch of 1: InputError).
+    Arguments that are None or Python scalars in the call are constants of a symbolic_trace graph.
 
     ``tie=fxfuse.Tie(...)`` (opt-in, approximate) then merges repeated feed-forward sublayers so
     that several blocks share one set of weights; its rows join the report and its end-to-end

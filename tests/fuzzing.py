@@ -306,6 +306,7 @@ class Outcome:
     applied: int
     skipped: int
     error: float
+    refused: int = 0  # optimize calls refused for a reason the program has (refusal_reasons), or NaN inputs
 
 
 def check(seed: int) -> Outcome:
@@ -327,10 +328,10 @@ def check(seed: int) -> Outcome:
             fxfuse.optimize(model, (x,))
         except fxfuse.InputError as e:
             assert "NaN or Inf" in str(e), f"seed {seed}: {e}"
-            return Outcome(seed, 0, 0, 0.0)
+            return Outcome(seed, 0, 0, 0.0, refused=1)
         raise AssertionError(f"seed {seed}: a NaN/Inf example input was accepted")
     leaves = list(SUBCLASSES) if rng.random() < 0.5 else []
-    worst, applied, skipped = 0.0, 0, 0
+    worst, applied, skipped, refused = 0.0, 0, 0, 0
     for inputs in ((x,), None):
         state = {k: v.clone() for k, v in model.state_dict().items()}
         try:
@@ -341,6 +342,7 @@ def check(seed: int) -> Outcome:
             assert any(reason in str(e).splitlines()[0] for reason in allowed), (
                 f"seed {seed}: refused ({'with' if inputs else 'without'} example inputs) for no reason the "
                 f"program has ({allowed}): {type(e).__name__}: {e}")
+            refused += 1
             continue
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), f"seed {seed}: model changed"
         report = fxfuse.report_of(gm)
@@ -352,7 +354,7 @@ def check(seed: int) -> Outcome:
         if inputs is None:
             assert all(r.exact for r in report.applied), f"seed {seed}: approximate rewrite without inputs"
         applied, skipped = applied + len(report.applied), skipped + len(report.skipped)
-    return Outcome(seed, applied, skipped, worst)
+    return Outcome(seed, applied, skipped, worst, refused)
 
 
 def _fresh_inputs(shape: tuple, dtype: torch.dtype, rng: random.Random) -> list[torch.Tensor]:
@@ -383,7 +385,7 @@ def _compare(seed: int, model: nn.Module, gm: nn.Module, fresh: torch.Tensor, re
         allowed = max([r.tolerance for r in report.applied] + [1e-5])
         if not error <= allowed:  # as optimize does: is it further from float64 truth than the original?
             ours, theirs = float64_errors(model, (fresh,), out, ref)
-            exact = all(r.exact for r in report.applied) and _float64_gap(model, gm, fresh) <= 1e-9
+            exact = all(r.exact for r in report.applied) and _float64_gap(model, gm, fresh) <= theirs + allowed
             assert ours <= theirs + allowed or exact, (
                 f"seed {seed}: optimized model differs by {error:.2e} > {allowed:g} and from float64 by {ours:.2e} > "
                 f"{theirs:.2e} + {allowed:g} ({'with' if with_inputs else 'without'} example inputs, input "
@@ -392,8 +394,9 @@ def _compare(seed: int, model: nn.Module, gm: nn.Module, fresh: torch.Tensor, re
 
 
 def _float64_gap(model: nn.Module, gm: nn.Module, x: torch.Tensor) -> float:
-    """The rewritten model against the original, both run in float64: exact rewrites differ by
-    rounding only (~1e-15 times what the graph amplifies), however ill-conditioned float32 is."""
+    """The rewritten model against the original, both run in float64. An exact rewrite then differs
+    only by the float32 rounding of the weights it stored, amplified as the graph amplifies any
+    float32 rounding: at most about what the float32 original is from float64 (the caller's bound)."""
     try:
         return rel_error(float64_copy(gm)(x.double()), float64_copy(model)(x.double()))
     except RuntimeError:  # an exported graph holding float32 constants does not run in float64
