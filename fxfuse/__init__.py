@@ -11,6 +11,7 @@ LayerCollapse training (make a GELU/ReLU model collapsible first):
     passed = [p for p in fxfuse.collapse_pairs(prepared) if p.slope in history[-1]["done"]]
     gm = fxfuse.optimize(prepared, example_inputs, tau=fxfuse.max_slope_deviation(prepared, passed))
 """
+from .analysis import Analysis, analyze
 from .errors import (ExportError, FxfuseError, InputError, PassError, TraceError, UnsupportedModelError,
                      VerificationError)
 from .collapse_training import (AdamLC, collapse_param_groups, collapse_regularizer, finetune_collapse,
@@ -24,7 +25,7 @@ from .similarity import save_heatmap
 from .tie import Tie, feedforward_cka, finetune
 
 __all__ = [
-    "optimize", "report_of", "export_onnx", "ExportReport", "Report", "Row", "Candidate", "Options",
+    "optimize", "report_of", "analyze", "Analysis", "export_onnx", "ExportReport", "Report", "Row", "Candidate", "Options",
     "FxfuseError", "InputError", "TraceError", "UnsupportedModelError", "VerificationError", "PassError",
     "ExportError", "Tie", "finetune", "feedforward_cka", "save_heatmap",
     "prepare_collapse", "collapse_pairs", "slopes", "CollapsePair", "collapse_regularizer", "AdamLC",

@@ -35,6 +35,7 @@ from torch import nn
 
 from .export import export_onnx, onnxruntime_runner
 from .optimize import optimize
+from .progress import progress, write
 from .verify import propagate_shapes
 from .report import count_macs
 from .tie import Tie
@@ -301,7 +302,9 @@ def run(suite_name: str, out_dir: Path, batches, dtypes=("bfloat16",), modes=("e
         onnx: bool = True, profile: bool = False, models: list[str] | None = None, name: str | None = None,
         passes=None) -> dict:
     """Measure every case of ``suite_name``; write ``<name>.json`` and ``<name>.md`` (name defaults to
-    the suite's) into ``out_dir``, rewritten after each variant so an interrupted run keeps its rows."""
+    the suite's) into ``out_dir``, rewritten after each variant so an interrupted run keeps its rows.
+    Each result is printed as a JSON line; a progress bar over the models on a terminal (``FXFUSE_QUIET=1``
+    silences it)."""
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     results = []
@@ -309,7 +312,9 @@ def run(suite_name: str, out_dir: Path, batches, dtypes=("bfloat16",), modes=("e
     meta = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if cuda else platform.processor()
             or platform.machine(), "torch": torch.__version__, "python": platform.python_version(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "suite": suite_name}
-    for case in suite(suite_name, models):
+    bar = progress(suite(suite_name, models), desc="fxfuse bench", unit="model")
+    for case in bar:
+        bar.set_postfix_str(case.name)
         with torch.inference_mode(False), torch.no_grad():
             for variant, model in variants(case, device, passes).items():
                 r = Result(case.name, variant, *static_costs(model, case))
@@ -325,7 +330,7 @@ def run(suite_name: str, out_dir: Path, batches, dtypes=("bfloat16",), modes=("e
                 if profile and cuda:
                     r.profile = profile_cuda(model, case, getattr(torch, dtypes[-1]), max(batches))
                 results.append(r)
-                print(json.dumps(asdict(r)), flush=True)
+                write(json.dumps(asdict(r)))
                 _write(out_dir, name or suite_name, meta, results)
     return {"meta": meta, "results": [asdict(r) for r in results]}
 

@@ -39,10 +39,11 @@ AUTO_ORDER = ("export", "fx")
 EAGER_KEY = "fxfuse_eager_output"  # gm.meta: the model's own outputs on the example inputs, before capture
 
 
-def check_model(model: Any) -> None:
+def check_model(model: Any, needs_values: bool = True) -> None:
     """Raise a named error when ``model`` cannot be rewritten as it stands. An exported graph
     carries its eval semantics in its ops (BatchNorm's and dropout's ``training`` arguments), so
-    only a module graph's ``training`` flag is checked."""
+    only a module graph's ``training`` flag is checked. ``needs_values=False`` (an analysis of
+    shapes) accepts weights on the meta device."""
     if not isinstance(model, nn.Module):
         raise InputError(f"fxfuse needs a torch.nn.Module or a torch.export.ExportedProgram, got {describe_type(model)}.")
     exported = isinstance(model, fx.GraphModule) and dialect(model) == "aten"
@@ -69,6 +70,8 @@ def check_model(model: Any) -> None:
             "layers are built (an empty nn.Sequential() computes the identity)."
         )
     meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if meta and not needs_values:
+        return
     if meta:
         raise UnsupportedModelError(
             f"{meta[0]!r} is on the meta device: it has a shape but no values, so nothing can be computed or "
@@ -89,16 +92,17 @@ def check_model(model: Any) -> None:
 
 
 def capture(model: nn.Module | torch.export.ExportedProgram, inputs: Inputs | None = None, *, method: str = "auto",
-            inplace: bool = False, leaf_modules: Iterable[type] = (), concrete_args: dict | None = None) -> fx.GraphModule:
+            inplace: bool = False, leaf_modules: Iterable[type] = (), concrete_args: dict | None = None,
+            needs_values: bool = True) -> fx.GraphModule:
     """The graph of (a copy of) ``model``: an ``ExportedProgram`` or a GraphModule as it is,
     an ``nn.Module`` by ``method`` ("export", "fx", or "auto": ``AUTO_ORDER``, first that works).
     ``leaf_modules``/``concrete_args`` are symbolic_trace's and imply "fx". ``gm.meta['fxfuse_capture']``
-    says which capture made the graph."""
+    says which capture made the graph; ``needs_values=False``: see ``check_model``."""
     if method not in ("auto", *CAPTURES):
         raise InputError(f"capture={method!r}: pass 'auto', 'export' (torch.export) or 'fx' (torch.fx.symbolic_trace).")
     if isinstance(model, torch.export.ExportedProgram):
         model, inplace = model.module(), True  # a new module: nothing of the program is changed
-    check_model(model)
+    check_model(model, needs_values)
     target = model if inplace else _copy(model)
     if isinstance(target, fx.GraphModule) and not leaf_modules and concrete_args is None:
         aten = dialect(target) == "aten"
@@ -112,7 +116,7 @@ def capture(model: nn.Module | torch.export.ExportedProgram, inputs: Inputs | No
             "m = copy.deepcopy(model); m._forward_hooks.clear(); m._forward_pre_hooks.clear(); "
             "gm = fxfuse.optimize(m, ...); gm.register_forward_hook(hook).")
     methods = ("fx",) if leaf_modules or concrete_args is not None else AUTO_ORDER if method == "auto" else (method,)
-    eager = None if inputs is None else run_model(target, inputs)
+    eager = None if inputs is None or not needs_values else run_model(target, inputs)
     failures = []
     for name in methods:
         if name == "export" and inputs is None:

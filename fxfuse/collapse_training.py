@@ -19,8 +19,6 @@ error of each approximate collapse and reports it beside the bounds of Eq. 4–5
 from __future__ import annotations
 
 import math
-import sys
-import time
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -30,6 +28,7 @@ from torch import nn
 
 from .errors import InputError
 from .prepare import CollapsePair, collapse_pairs, prepared_pairs, slopes
+from .progress import progress as progress_bar
 
 
 def collapse_regularizer(gm: fx.GraphModule, lc: float, pairs: Sequence[CollapsePair] | None = None) -> torch.Tensor:
@@ -113,7 +112,8 @@ def finetune_collapse(prepared: fx.GraphModule, teacher: nn.Module, batches: Ite
     is within ``tau`` of 1 (default √(threshold/lc), the deviation at which a pair passes).
     ``callback(epoch, prepared)`` runs after each epoch (in eval mode) and may return metrics for
     the history. Returns one dict per epoch: mean loss, the active pair, the pairs done (in the
-    order they passed), max|1 − α|, and the callback's metrics.
+    order they passed), max|1 − α|, and the callback's metrics. A progress bar (epochs; step, pairs
+    done, loss) on a terminal unless ``progress=False`` or ``FXFUSE_QUIET=1``.
     """
     if epochs < 1 or lc <= 0 or threshold <= 0:
         raise InputError(f"finetune_collapse needs epochs ≥ 1, lc > 0, threshold > 0; got {epochs}, {lc}, {threshold}.")
@@ -127,9 +127,10 @@ def finetune_collapse(prepared: fx.GraphModule, teacher: nn.Module, batches: Ite
     by_pair[pending[0]]["lc"] = lc
     teacher.eval()
     history = []
+    bar = progress_bar(desc="fxfuse finetune_collapse", total=epochs, unit="epoch", show=progress)
     for epoch in range(epochs):
         prepared.train()
-        losses, start = [], time.perf_counter()
+        losses = []
         for step, (x, y) in enumerate(batches):
             with torch.no_grad():
                 target = teacher(x)
@@ -142,23 +143,15 @@ def finetune_collapse(prepared: fx.GraphModule, teacher: nn.Module, batches: Ite
                 done.append(pending.pop(0))
                 if pending:
                     by_pair[pending[0]]["lc"] = lc
-            if progress:
-                _progress(epoch, epochs, step, len(done), len(done) + len(pending), losses, start)
+            bar.set_postfix_str(f"step {step + 1} pairs {len(done)}/{len(done) + len(pending)} "
+                                f"loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
         prepared.eval()
         record = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "done": [p.slope for p in done],
                   "active": pending[0].slope if pending else None, "max_deviation": max_slope_deviation(prepared)}
         record.update((callback(epoch + 1, prepared) or {}) if callback else {})
         history.append(record)
+        bar.update()
         if not pending and record["max_deviation"] <= tau:
             break
-    if progress:
-        print(file=sys.stderr)
+    bar.close()
     return history
-
-
-def _progress(epoch: int, epochs: int, step: int, done: int, total: int, losses: list, start: float) -> None:
-    """One self-overwriting line on stderr: epoch bar, pairs done, loss, speed."""
-    filled = math.floor(20 * (epoch + 1) / epochs)
-    print(f"\r[{'#' * filled}{'.' * (20 - filled)}] epoch {epoch + 1}/{epochs} step {step + 1} "
-          f"pairs {done}/{total} loss {sum(losses[-20:]) / len(losses[-20:]):.4f} "
-          f"{(step + 1) / (time.perf_counter() - start):.1f} it/s", end="", file=sys.stderr, flush=True)

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -16,6 +14,7 @@ from .capture import dynamic_shapes
 from .errors import ExportError
 from .verify import rel_error
 from .inputs import Inputs, as_inputs
+from .progress import progress
 
 
 @dataclass
@@ -52,22 +51,36 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
     onnxruntime's outputs are within ``rtol`` (max relative error) of torch's, on the example
     inputs and, with ``dynamic_batch`` (dim 0 of every input symbolic), at batch 1 and 7 too.
     ``baseline`` (e.g. the original model) is exported to a temporary file for comparison of node
-    count and initializer bytes. ``opset`` None takes the exporter's default; the report says which."""
+    count and initializer bytes. ``opset`` None takes the exporter's default; the report says which.
+    A progress bar on a terminal (``FXFUSE_QUIET=1`` silences it, see ``fxfuse.progress``)."""
     inputs = as_inputs(example_inputs)
-    stats, opset_used = _export(module, inputs, Path(path), opset, dynamic_batch)
     checks = [inputs] + [inputs.map(lambda x, b=b: _with_batch(x, b)) for b in ((1, 7) if dynamic_batch else ())]
-    error = max(rel_error(run_onnxruntime(path, xs), _torch_outputs(module, xs)) for xs in checks)
-    if not error <= rtol:
-        raise ExportError(f"onnxruntime's output differs from torch's by {error:.2e} (> rtol {rtol:g}) for {path}")
-    report = ExportReport(stats, error, opset_used, [xs.tensors()[0].shape[0] for xs in checks])
-    if baseline is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            report.baseline, _ = _export(baseline, inputs, Path(tmp) / "baseline.onnx", opset, dynamic_batch)
+    batches = [xs.tensors()[0].shape[0] for xs in checks]
+    with progress(desc="fxfuse export_onnx", total=1 + len(checks) + (baseline is not None)) as bar:
+        bar.set_postfix_str("torch.onnx.export")
+        stats, opset_used = _export(module, inputs, Path(path), opset, dynamic_batch)
+        bar.update()
+        run, errors = onnxruntime_runner(path), []
+        for b, xs in zip(batches, checks):
+            bar.set_postfix_str(f"onnxruntime check, batch {b}")
+            errors.append(rel_error(run(xs), _torch_outputs(module, xs)))
+            bar.update()
+        error = max(errors)
+        if not error <= rtol:
+            raise ExportError(f"onnxruntime's output differs from torch's by {error:.2e} (> rtol {rtol:g}) for {path}")
+        report = ExportReport(stats, error, opset_used, batches)
+        if baseline is not None:
+            bar.set_postfix_str("baseline export")
+            with tempfile.TemporaryDirectory() as tmp:
+                report.baseline, _ = _export(baseline, inputs, Path(tmp) / "baseline.onnx", opset, dynamic_batch)
+            bar.update()
     return report
 
 
 def onnxruntime_runner(path: str | os.PathLike) -> Callable[[tuple], list[torch.Tensor]]:
     """A function running the ONNX file at ``path`` by onnxruntime's CPU provider (session made once)."""
+    import onnxruntime as ort  # imported on use, like onnx below: `import fxfuse` stays light
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
@@ -100,6 +113,8 @@ def _torch_outputs(module: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
 
 
 def _export(module: nn.Module, inputs: Inputs, path: Path, opset: int | None, dynamic_batch: bool):
+    import onnx
+
     dynamic = dynamic_shapes(module, inputs) if dynamic_batch else None
     try:
         torch.onnx.export(module, inputs.args, str(path), kwargs=inputs.kwargs or None, dynamo=True,

@@ -23,7 +23,6 @@ import operator
 import warnings
 from dataclasses import dataclass, field
 
-import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -257,6 +256,8 @@ def _join(region: list[fx.Node], branches: list[fx.Node]) -> fx.Node | None:
 
 def structure_hash(gm: fx.GraphModule, ff: FeedForward) -> str:
     """Weisfeiler–Lehman hash of the region graph labelled by op, callee kind, constants and shapes."""
+    import networkx as nx  # imported on use: `import fxfuse` stays light
+
     graph = nx.DiGraph()
     inside = set(ff.region)
     for n in ff.region:

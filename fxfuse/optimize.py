@@ -15,6 +15,7 @@ from .errors import InputError, TraceError, UnsupportedModelError, VerificationE
 from .inputs import Inputs, as_inputs
 from .pass_manager import Options, Pass, run_passes
 from .verify import full_precision, precision_floor, propagate_shapes, rel_error
+from .progress import progress
 from .report import Report, count_macs, count_params
 from .tie import Tie, run_tie
 
@@ -51,33 +52,49 @@ def optimize(model: nn.Module | torch.export.ExportedProgram, example_inputs: An
     that several blocks share one set of weights; its rows join the report and its end-to-end
     error is ``report.tie_error``.
     """
-    from fxfuse.passes import DEFAULT_PASSES
-
     start = time.perf_counter()
     inputs = as_inputs(example_inputs)
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
+    with progress(desc="fxfuse optimize", total=4) as bar:  # on a terminal; FXFUSE_QUIET=1 silences it
+        bar.set_postfix_str("capture")
+        gm = _optimize(model, inputs, bar, passes, tie, capture=capture, inplace=inplace, leaf_modules=leaf_modules,
+                       concrete_args=concrete_args, tau=tau, force=force, tolerance=tolerance,
+                       conv_tolerance=conv_tolerance, approx_tolerance=approx_tolerance)
+    report_of(gm).seconds = time.perf_counter() - start
+    return gm
+
+
+def _optimize(model, inputs, bar, passes, tie, *, capture, inplace, leaf_modules, concrete_args, **options):
+    from fxfuse.passes import DEFAULT_PASSES
+
+    start = time.perf_counter()
     gm = capture_graph(model, inputs, method=capture, inplace=inplace, leaf_modules=leaf_modules,
                        concrete_args=concrete_args)
     eager = gm.meta.pop(EAGER_KEY, None)
-    options = Options(tau=tau, force=force, tolerance=tolerance, conv_tolerance=conv_tolerance,
-                      approx_tolerance=approx_tolerance, data_free=inputs is None)
+    options = Options(**options, data_free=inputs is None)
     report = Report(params_before=count_params(gm), capture=gm.meta["fxfuse_capture"],
                     capture_seconds=time.perf_counter() - start)
+    bar.update()
+    bar.set_postfix_str("checks")
     reference = None
     if inputs is not None:
         reference = check_inputs(gm, inputs)
-        _refuse_random_output(gm, inputs, reference, tolerance)
+        _refuse_random_output(gm, inputs, reference, options.tolerance)
         if eager is not None:
-            _check_capture(gm, eager, reference, tolerance)
+            _check_capture(gm, eager, reference, options.tolerance)
         report.macs_before = count_macs(gm)
+    bar.update()
+    bar.set_postfix_str("passes")
     report.rows = run_passes(gm, DEFAULT_PASSES if passes is None else passes, options, inputs)
     report.params_after = count_params(gm)
+    bar.update()
+    bar.set_postfix_str("end-to-end check")
     if inputs is not None:
         _check_end_to_end(gm, model, inputs, reference, report)
     if tie is not None:
         _run_tie(gm, tie, inputs, reference, report)
-    report.seconds = time.perf_counter() - start
+    bar.update()
     setattr(gm, REPORT_ATTRIBUTE, report)
     return gm
 

@@ -19,7 +19,7 @@ from torch import nn
 from .errors import PassError
 from .ir import fetch_attr
 from .match import Chain, Region, chain_where, updated_within
-from .report import Row, node_macs, weight_macs
+from .report import Row, module_macs, node_macs
 from .rewrite import guard_rank, replace_region, tidy
 from .verify import all_finite, dtype_of, precision_floor, record, region_error
 
@@ -155,22 +155,49 @@ def _without_overlaps(candidates: list[Candidate]) -> list[Candidate]:
 
 def _row(gm, pass_name: str, c: Candidate, error: float | None, accepted: bool, macs_after: int | None,
          readers: "Readers") -> Row:
-    """The report row of a verified candidate; a rejected one shows the region unchanged. Its
-    parameters before are those the rewrite frees (``Readers.freed``)."""
+    """The report row of a verified candidate; a rejected one shows the region unchanged.
+
+    Counted so that the applied rows add up to the model's totals. MACs: ``node_macs`` over the
+    region's nodes before, the replacement by the same rule after (``module_macs``; a GraphModule's
+    ``count_macs``, ``macs_after``, from its verification), the count ``count_macs`` sums over the
+    graph. Parameters: before, those the rewrite frees (``Readers.freed``); after, those it adds (a
+    tensor the graph keeps anyway is not added). An applied row's nodes stop counting as readers
+    (``_forget``), so the next rewrite of the round that removes a shared weight's last reader
+    frees it."""
     macs = [node_macs(gm, n) for n in c.region.nodes]
     out_meta = c.region.outputs[0].meta.get("tensor_meta")
-    weight = getattr(c.replacement, "weight", None)
     known = all("tensor_meta" in o.meta for o in c.region.outputs) and None not in macs
     macs_before = sum(macs) if known else None
     if macs_after is None and known and not isinstance(c.replacement, fx.GraphModule):
-        macs_after = 0 if weight is None else weight_macs(out_meta.shape, weight)
-    params_before = sum(p.numel() for p in readers.freed(gm, c.region.nodes))
-    params_after = sum(p.numel() for p in c.replacement.parameters())
+        macs_after = module_macs(c.replacement, out_meta.shape)
+    freed = readers.freed(gm, c.region.nodes)
+    params_before = sum(p.numel() for p in freed)
+    params_after = sum(p.numel() for p in _added(c.replacement, freed, readers))
     if not accepted:
         params_after, macs_after = params_before, macs_before
+    else:
+        _forget(readers, gm, c)
     return Row(pass_name, "applied" if accepted else "rejected", chain_where(gm, c.region),
                params_before=params_before, params_after=params_after, macs_before=macs_before,
                macs_after=macs_after if known else None, error=error, exact=c.exact, tolerance=c.tolerance)
+
+
+def _added(replacement: nn.Module, freed: list[torch.Tensor], readers: "Readers") -> list[torch.Tensor]:
+    """The replacement's parameters the model gains: not those another node of the graph reads
+    already (a reused tensor that stays anyway); one the rewrite frees and reuses counts on both sides."""
+    kept = {id(p) for p in freed}
+    return [p for p in replacement.parameters() if id(p) in kept or id(p) not in readers.of]
+
+
+def _forget(readers: "Readers", gm: fx.GraphModule, c: Candidate) -> None:
+    """Update ``readers`` for the rewrite of ``c`` about to be applied: its nodes read nothing any
+    more, and a tensor its replacement reuses is read by that (a marker standing for the new nodes)."""
+    inside = set(c.region.nodes)
+    for p in _params(gm, c.region.nodes, readers.side):
+        readers.of[id(p)] = readers.of.get(id(p), set()) - inside
+    for p in c.replacement.parameters():
+        if id(p) in readers.of:
+            readers.of[id(p)].add(c)
 
 
 def _params(gm: fx.GraphModule, nodes: list[fx.Node], side: set) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .ir import CONV, LINEAR, module_of, view
+from .ir import CONV, CONV_MODULES, LINEAR, module_of, view
 from .modules import LeftLinear
 
 
@@ -100,36 +100,64 @@ def count_params(module: nn.Module) -> int:
 
 
 def node_macs(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    """Multiply-accumulates of one node (None when its shapes are unknown): a Linear or Conv in any
-    dialect (``fxfuse.ir``), ``LeftLinear`` or HF ``Conv1D``: output
-    elements × (in/groups · kernel volume); a matmul, ``addmm``, ``bmm``: output elements × the
-    contracted dim; attention: Q·Kᵀ plus A·V; a called GraphModule (a tied FF): its own nodes'."""
+    """Multiply-accumulates of one node (None when its shapes are unknown): fxfuse's one MAC count.
+
+    ``count_macs`` sums it over a graph (``report.macs_before`` / ``macs_after``), and a report row
+    sums it over the nodes a rewrite removes and counts the module put in their place with the same
+    rule (``module_macs``), so the rows' MAC changes add up to the model's. What counts is what
+    papers (LayerCollapse Table 1) and torchvision's / fvcore-style counters count, the products of a
+    weight or of two activations: a Linear or Conv in any dialect (``fxfuse.ir``), ``LeftLinear`` and
+    HF ``Conv1D``: output elements × products per output element (in/groups · kernel volume, see
+    ``module_macs``); a matmul, ``mm``, ``addmm``, ``bmm``, ``baddbmm``: output elements × the
+    contracted dim; attention: Q·Kᵀ plus A·V; a called GraphModule (a tied FF): its own nodes'.
+    Everything else counts 0: BatchNorm, PReLU and the other activations, dropout, norms,
+    element-wise arithmetic (a bias add included), softmax, pooling, reshapes — so folding a BatchNorm
+    into the conv before it saves no MACs, and torchvision's ResNet-50 at 224² counts 4,089,184,256.
+    """
     module = module_of(gm, node)
     if isinstance(module, fx.GraphModule):
         return count_macs(module)
-    op = view(gm, node)
-    if op is not None and op.kind in (LINEAR, CONV):
-        contracted = op.weight[0].numel()
-    elif module is not None:
+    if module is not None:
         contracted = _module_contraction(module)
     else:
-        return 0 if op is not None else _product_macs(node)
-    meta = node.meta.get("tensor_meta")
-    return 0 if not contracted else None if meta is None else _numel(meta.shape) * contracted
+        op = view(gm, node)
+        if op is None:
+            return _product_macs(node)
+        contracted = _weight_contraction(op.weight) if op.kind in (LINEAR, CONV) else 0
+    return _macs(node.meta.get("tensor_meta"), contracted)
+
+
+def module_macs(module: nn.Module, out_shape) -> int:
+    """MACs of one call of ``module`` giving an output of ``out_shape``, by ``node_macs``'s rule (a
+    Linear or Conv: output elements × in/groups · kernel volume; ``LeftLinear``: × n; HF ``Conv1D``:
+    × in; any other module 0). How a report row counts the module that replaces a chain."""
+    return _numel(out_shape) * _module_contraction(module)
+
+
+def weight_macs(out_shape, weight) -> int:
+    """A Linear's or Conv's MACs: output elements × weight elements per output channel (in/groups ·
+    kernel volume), for an (out, in/groups, *kernel) ``weight``."""
+    return _numel(out_shape) * _weight_contraction(weight)
+
+
+def _weight_contraction(weight: torch.Tensor) -> int:
+    """Products per output element of a Linear or Conv with this (out, in/groups, *kernel) weight."""
+    return _numel(weight.shape[1:])
 
 
 def _module_contraction(module: nn.Module) -> int:
     """Products per output element of a weighted module fxfuse knows (0 for the others)."""
-    if isinstance(module, LeftLinear):
+    if isinstance(module, (nn.Linear, *CONV_MODULES)):  # a subclass too: its weight is the layer's
+        return _weight_contraction(module.weight)
+    if isinstance(module, LeftLinear):  # W (m, n) on axis -2
         return module.weight.shape[1]
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # HF GPT-2: (in, out)
         return module.weight.shape[0]
     return 0
 
 
-def weight_macs(out_shape, weight) -> int:
-    """Output elements × weight elements per output channel (in/groups · kernel volume)."""
-    return _numel(out_shape) * _numel(weight.shape[1:])
+def _macs(meta, contracted: int) -> int | None:
+    return 0 if not contracted else None if meta is None else _numel(meta.shape) * contracted
 
 
 aten = torch.ops.aten
@@ -140,8 +168,9 @@ ATTENTION_TARGETS = {F.scaled_dot_product_attention, aten.scaled_dot_product_att
 
 
 def count_macs(gm: fx.GraphModule) -> int | None:
-    """MACs of every Linear, Conv, matmul and attention in a shape-propagated graph (None without
-    shapes); a called GraphModule (a tied FF) counts once per call."""
+    """MACs of a shape-propagated graph (None without shapes): ``node_macs`` summed over its nodes,
+    so Linear, Conv, matmul and attention products only; a called GraphModule (a tied FF) counts
+    once per call."""
     total = 0
     for node in gm.graph.nodes:
         macs = node_macs(gm, node)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -31,6 +30,7 @@ from .capture import capture
 from .errors import InputError
 from .feedforward import drop_sites, extract, find_feedforwards, find_in_extracted, group_feedforwards, tie_sites
 from .inputs import as_inputs
+from .progress import progress as progress_bar
 from .verify import full_precision, precision_floor, record, rel_error
 from .report import Row, count_params
 from .similarity import MEASURES, distance, linear_cka_from_sums
@@ -124,7 +124,8 @@ def run_tie(gm: fx.GraphModule, tie: Tie, example_inputs: tuple | None) -> list[
                                       members={i for w in planned for i in w})
     plans = {w: plan_window(tie, ffs, w, stats) for w in planned}
     if by_evaluation:
-        scores = {w: _evaluation_score(gm, tie, w, plans[w]) for w in candidates}
+        scoring = progress_bar(candidates, desc="fxfuse tie scoring")
+        scores = {w: _evaluation_score(gm, tie, w, plans[w]) for w in scoring}
         chosen = _choose(tie, candidates, scores)
     for w in candidates:
         rows.append(Row(PASS_NAME, "scored", [ffs[i].name for i in w], score=scores[w],
@@ -218,7 +219,7 @@ def collect_features(gm, ffs, batches, pairs: dict[int, set], mask=None, members
     members = sorted(range(len(ffs)) if members is None else members)
     stats = {i: FeatureStats() for i in members}
     samples = {}
-    for b, batch in enumerate(batches):
+    for b, batch in enumerate(progress_bar(batches, desc="fxfuse tie calibration")):
         ends = {n for i in members for n in (ffs[i].x, ffs[i].y)} if b == 0 else set()
         values = record(gm, batch, {ffs[i].hidden for i in members} | ends)
         if b == 0:
@@ -338,14 +339,14 @@ def finetune(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, 
     """Recovery fine-tuning (Verma et al. Sec. 3.4): ``steps`` optimizer steps of ``loss_fn(model, batch)``
     over ``batches`` (cycled), model in train mode, then back to eval. A tied tensor is one
     Parameter used at several sites, so autograd gives it the sum of the sites' gradients.
-    Returns the losses."""
+    Returns the losses. A progress bar on a terminal unless ``progress=False`` or ``FXFUSE_QUIET=1``."""
     batches = list(batches)
     if not batches or steps < 1:
         raise InputError("finetune needs at least one batch and steps ≥ 1.")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     losses = []
-    bar = _progress(steps, progress)
+    bar = progress_bar(desc="fxfuse finetune", total=steps, show=progress)
     for step, batch in zip(range(steps), itertools.cycle(batches)):
         optimizer.zero_grad()
         loss = loss_fn(model, batch)
@@ -359,12 +360,6 @@ def finetune(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, 
     return losses
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="fxfuse finetune", disable=not enabled, file=sys.stderr)
-
-
 def feedforward_cka(model: nn.Module, batches: Iterable,
                     mask: Callable | None = None) -> tuple[torch.Tensor, list[str]]:
     """Linear CKA between the outputs of every pair of FF sublayers (Verma et al. Sec. 5.6), from
@@ -375,7 +370,7 @@ def feedforward_cka(model: nn.Module, batches: Iterable,
         raise InputError(f"{type(model).__name__} has no feed-forward sublayer (Linear → act → Linear, SwiGLU, "
                          "Conv1D) to compare.")
     n, sums, cross = 0, None, None
-    for batch in batches:
+    for batch in progress_bar(batches, desc="fxfuse feedforward_cka"):
         values = record(gm, batch, {ff.y for ff in ffs})
         m = mask(batch) if mask is not None else None
         outs = [_rows_of(values[ff.y], m).double() for ff in ffs]
