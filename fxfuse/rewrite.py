@@ -164,8 +164,16 @@ def _erase(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
             _erase_attr_node(gm, node)
         else:
             gm.graph.erase_node(node)
-        dead += [a for a in inputs if not a.users and a.op in ("get_attr", "call_function") and not a.is_impure()
-                 and a not in dead]
+        dead += [a for a in inputs if not a.users and _weight_side(a) and a not in dead]
+
+def _weight_side(node: fx.Node, depth: int = 4) -> bool:
+    """A get_attr, or a pure op on get_attrs alone (``aten.t(weight)``, ``bias.view(...)``): what a
+    removed layer leaves behind. Never an activation: a dead in-place update (``h += 1``, whose
+    result nothing reads) still changes ``h`` for its other readers."""
+    if node.op == "get_attr":
+        return True
+    return (depth > 0 and node.op == "call_function" and not node.is_impure() and bool(node.all_input_nodes)
+            and all(_weight_side(a, depth - 1) for a in node.all_input_nodes))
 
 def _erase_attr_node(gm: fx.GraphModule, node: fx.Node) -> None:
     """Erase a dead get_attr node, and its tensor when no other node reads it: neither another

@@ -263,6 +263,26 @@ def test_a_region_whose_input_is_updated_inside_it_is_left_alone():
     same_function_or_refused(model, (torch.randn(2, 8),), [torch.randn(5, 8)])
 
 
+class UnreadInPlaceUpdate(nn.Module):
+    """``h += 0.5`` whose result only an Identity reads: bypassing the Identity leaves the update
+    with no reader, but it still changes h for ``h.mul_`` and fc3 (found by the fuzzer, seed 12703)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.fc2, self.skip, self.fc3 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Identity(), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc2(self.fc(x))
+        g = h
+        h += 0.5  # g sees it
+        self.skip(h)
+        return self.fc3(g.mul_(1.5))
+
+
+def test_an_update_in_place_nothing_reads_is_kept():
+    same_function_or_refused(UnreadInPlaceUpdate().eval(), (torch.randn(2, 8),), [torch.randn(5, 8)])
+
+
 class OptionalMask(nn.Module):
     def __init__(self):
         super().__init__()
