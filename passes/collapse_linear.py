@@ -22,6 +22,7 @@ from functools import partial
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from fxfuse.affine import affine_between, collapse_gain, fold_into_weights, is_between_op, new_linear
 from fxfuse.match import find_chains, kinds
@@ -56,6 +57,14 @@ def _bounds_on(first: Op, second: Op, deviation: float, x: torch.Tensor) -> tupl
     return collapse_error_bounds(first.weight, first.bias, second.weight, x_norm, deviation)
 
 
+def _collapsed(first, second, affine) -> nn.Linear:
+    """W = W2·diag(s)·W1, b = W2·(s ⊙ b1 + t) + b2 in float64 (Eq. 3 with the affine between folded)."""
+    w1, b1 = fold_into_weights(first.weight, first.bias, affine)
+    w2 = second.weight.detach().double()
+    bias = w2 @ b1 + (0 if second.bias is None else second.bias.detach().double())
+    return new_linear(w2 @ w1, bias, first.weight)
+
+
 class CollapseLinear:
     name = "collapse"
 
@@ -75,15 +84,12 @@ class CollapseLinear:
                 found.append(Candidate(chain, reason=f"compression gain (Eq. 7) {gain:.2f} ≤ 0: "
                                                      f"{n_in}→{n_hidden}→{n_out} is a bottleneck"))
             else:
-                w1, b1 = fold_into_weights(first.weight, first.bias, affine)
-                w2 = second.weight.detach().double()
-                bias = w2 @ b1 + (0 if second.bias is None else second.bias.detach().double())
-                module = new_linear(w2 @ w1, bias, first.weight)
                 # the bounds are derived for Linear → one PReLU → Linear: none through BatchNorm or two PReLUs
                 plain = (not any(op.kind == BATCHNORM for op in chain.middle)
                          and sum(op.kind == PRELU for op in chain.middle) <= 1)
                 bounds = partial(_bounds_on, first, second, affine.slope_deviation) if plain else None
-                found.append(Candidate(chain, module, exact=affine.exact,
+                found.append(Candidate(chain, build=partial(_collapsed, first, second, affine), exact=affine.exact,
                                        tolerance=options.tolerance if affine.exact else options.approx_tolerance,
-                                       bounds=None if affine.exact else bounds, input_rank=affine.rank))
+                                       bounds=None if affine.exact else bounds, input_rank=affine.rank,
+                                       cost=n_out * n_hidden * n_in))
         return found

@@ -138,3 +138,12 @@ def test_data_free_exact_collapse_and_idempotence():
     assert torch.allclose(gm(x), model(x), rtol=1e-5, atol=1e-5 * model(x).abs().max().item())
     again = fxfuse.optimize(gm, (x,))
     assert not fxfuse.report_of(again).applied
+
+
+def test_a_run_of_linears_is_multiplied_cheapest_pair_first():
+    """VGG's classifier shape: W3·W2 (4·32·32 multiply-adds) before W2·W1 (32·32·64); then the rest."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.PReLU(init=1.0), nn.Linear(32, 32), nn.PReLU(init=1.0),
+                          nn.Linear(32, 4)).eval()
+    gm, report = optimize_and_compare(model, (torch.randn(3, 64),))
+    rows = applied(report, "collapse")
+    assert rows[0].where == ["2", "3", "4"] and len(rows) == 2 and count(gm, nn.Linear) == 1
