@@ -13,6 +13,7 @@ from torch import nn
 
 import fxfuse
 from conftest import randomize_batchnorm
+from fuzzing import BatchNormReLU, ScaledLinear, ShiftingIdentity  # layer subclasses with their own forward
 from fxfuse.optimize import float64_errors
 from fxfuse.verify import rel_error
 
@@ -95,21 +96,6 @@ def test_an_embedding_tied_to_the_lm_head_keeps_its_weight(functional):
 
 
 # 2. Matching by isinstance accepts what is not the layer.
-
-class ScaledLinear(nn.Linear):
-    def forward(self, x):
-        return 2 * super().forward(x)
-
-
-class ShiftingIdentity(nn.Identity):
-    def forward(self, x):
-        return x + 1
-
-
-class BatchNormReLU(nn.BatchNorm1d):  # as timm's BatchNormAct2d
-    def forward(self, x):
-        return F.relu(super().forward(x))
-
 
 class PaddingConv(nn.Conv2d):  # as timm's Conv2dSame: pads in forward, and its __init__ differs
     def __init__(self, cin: int, cout: int):
