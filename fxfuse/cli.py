@@ -73,7 +73,7 @@ def run(model, inputs: tuple, args: argparse.Namespace) -> None:
 
 def _export(gm, model, inputs: tuple, args: argparse.Namespace):
     exported = export_onnx(gm, inputs, Path(args.out), baseline=model, opset=args.opset,
-                           dynamic_batch=args.dynamic_batch)
+                           dynamic_batch=args.dynamic_batch, lean=args.lean)
     if args.opset is not None and exported.opset != args.opset:
         raise InputError(f"the ONNX exporter wrote opset {exported.opset} to {args.out}, not the --opset {args.opset} "
                          f"asked for: it cannot convert this model to opset {args.opset}. "
@@ -254,6 +254,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
                        help="make dim 0 of every input symbolic in the ONNX file, checked at batch 1 and 7 too "
                             "(default on)")
+        p.add_argument("--lean", action=argparse.BooleanOptionalAction, default=True,
+                       help="fold the exporter's static shape arithmetic and drop no-op nodes (default on)")
         p.add_argument("--json", help="also write the report as JSON to this file")
         p.add_argument("--quiet", action="store_true", help="print nothing but errors, draw no progress bars")
     analyze = sub.add_parser("analyze", help="what LayerCollapse and FF tying could save on a model "

@@ -46,19 +46,22 @@ class ExportReport:
 
 
 def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike, *, baseline: nn.Module | None = None,
-                opset: int | None = None, dynamic_batch: bool = True, rtol: float = 1e-4) -> ExportReport:
+                opset: int | None = None, dynamic_batch: bool = True, lean: bool = True,
+                rtol: float = 1e-4) -> ExportReport:
     """Export ``module`` to ``path`` and prove the file right: ``onnx.checker`` passes and
     onnxruntime's outputs are within ``rtol`` (max relative error) of torch's, on the example
     inputs and, with ``dynamic_batch`` (dim 0 of every input symbolic), at batch 1 and 7 too.
-    ``baseline`` (e.g. the original model) is exported to a temporary file for comparison of node
-    count and initializer bytes. ``opset`` None takes the exporter's default; the report says which.
+    ``lean`` folds the exporter's static shape arithmetic and drops no-op nodes (``fxfuse.lean_onnx``).
+    ``baseline`` (e.g. the original model) is exported the same way to a temporary file, for
+    comparison of node count and initializer bytes. ``opset`` None takes the exporter's default; the
+    report says which.
     A progress bar on a terminal (``FXFUSE_QUIET=1`` silences it, see ``fxfuse.progress``)."""
     inputs = as_inputs(example_inputs)
     checks = [inputs] + [inputs.map(lambda x, b=b: _with_batch(x, b)) for b in ((1, 7) if dynamic_batch else ())]
     batches = [xs.tensors()[0].shape[0] for xs in checks]
     with progress(desc="fxfuse export_onnx", total=1 + len(checks) + (baseline is not None)) as bar:
         bar.set_postfix_str("torch.onnx.export")
-        stats, opset_used = _export(module, inputs, Path(path), opset, dynamic_batch)
+        stats, opset_used = _export(module, inputs, Path(path), opset, dynamic_batch, lean)
         bar.update()
         run, errors = onnxruntime_runner(path), []
         for b, xs in zip(batches, checks):
@@ -72,7 +75,8 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
         if baseline is not None:
             bar.set_postfix_str("baseline export")
             with tempfile.TemporaryDirectory() as tmp:
-                report.baseline, _ = _export(baseline, inputs, Path(tmp) / "baseline.onnx", opset, dynamic_batch)
+                report.baseline, _ = _export(baseline, inputs, Path(tmp) / "baseline.onnx", opset, dynamic_batch,
+                                              lean)
             bar.update()
     return report
 
@@ -112,7 +116,7 @@ def _torch_outputs(module: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
         return [y.cpu() for y in torch.utils._pytree.tree_leaves(inputs(module))]
 
 
-def _export(module: nn.Module, inputs: Inputs, path: Path, opset: int | None, dynamic_batch: bool):
+def _export(module: nn.Module, inputs: Inputs, path: Path, opset: int | None, dynamic_batch: bool, lean: bool):
     import onnx
 
     dynamic = dynamic_shapes(module, inputs) if dynamic_batch else None
@@ -120,6 +124,11 @@ def _export(module: nn.Module, inputs: Inputs, path: Path, opset: int | None, dy
         torch.onnx.export(module, inputs.args, str(path), kwargs=inputs.kwargs or None, dynamo=True,
                           external_data=False, opset_version=opset, dynamic_shapes=dynamic, verbose=False)
         model = onnx.load(str(path))
+        if lean:
+            from .lean_onnx import lean as lean_model  # onnxscript's optimizer: imported on use
+
+            model = lean_model(model)
+            onnx.save(model, str(path))
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         fix = " If the model's shapes depend on the batch size, pass dynamic_batch=False." if dynamic_batch else ""
