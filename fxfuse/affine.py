@@ -135,7 +135,8 @@ def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Tens
     return _load(linear, weight, bias, like)
 
 
-def new_conv(spec: ConvSpec, weight: torch.Tensor, bias: torch.Tensor, like: torch.Tensor, **changes) -> nn.Module:
+def new_conv(spec: ConvSpec, weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor,
+             **changes) -> nn.Module:
     """An ``nn.ConvNd`` with ``spec``'s geometry (padding mode, ...) updated by ``changes``, holding
     float64 ``weight``/``bias`` cast back to ``like``'s dtype and device."""
     config = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=spec.groups,
@@ -143,7 +144,7 @@ def new_conv(spec: ConvSpec, weight: torch.Tensor, bias: torch.Tensor, like: tor
     config.update(changes)
     conv_type = next(t for t, d in CONV_MODULES.items() if d == spec.dims)
     new = conv_type(weight.shape[1] * config["groups"], weight.shape[0], tuple(weight.shape[2:]), **config,
-                    bias=True, device=like.device, dtype=like.dtype)
+                    bias=bias is not None, device=like.device, dtype=like.dtype)
     return _load(new, weight, bias, like)
 
 

@@ -38,8 +38,9 @@ class Options:
 
 @dataclass
 class Candidate:
-    """A matched region and what to do with it: ``replacement`` to apply, or ``reason`` to skip.
-    The replacement takes the region's inputs and returns its outputs (a tuple for several)."""
+    """A matched region and what to do with it: ``replacement`` to apply, or ``reason`` to skip
+    (beside a replacement, ``reason`` says why it pays, for the report). The replacement takes the
+    region's inputs and returns its outputs (a tuple for several)."""
 
     region: Chain | Region
     replacement: nn.Module | None = None
@@ -119,9 +120,11 @@ def _run_to_fixed_point(gm, p: Pass, options: Options, inputs) -> list[Row]:
                 row.reason = f"error {error:.2e} > tolerance {c.tolerance:g}"
                 rejected.add(c.key)
             else:
+                row.reason = c.reason  # an applied candidate's reason says why it pays
                 if c.input_rank is not None:
                     guard_rank(gm, c.region, c.input_rank, f"fxfuse's {p.name} of {', '.join(row.where)}")
-                    row.reason = f"holds for rank-{c.input_rank} inputs only: checked on every call"
+                    row.reason = "; ".join(filter(None, (
+                        c.reason, f"holds for rank-{c.input_rank} inputs only: checked on every call")))
                 replace_region(gm, c.region, c.replacement, p.name)
                 applied += 1
             rows.append(row)

@@ -8,6 +8,8 @@ from .compose_conv import ComposeConv
 from .drop_identity import DropIdentity
 from .fold_batchnorm import FoldBatchNorm
 from .fold_norm_affine import FoldNormAffine
+from .fuse_parallel import FuseParallel
+from .split_parallel import SplitParallel
 from .untranspose_linear import UntransposeLinear
 
 DEFAULT_PASSES = (FoldBatchNorm(), CollapseLinear(), ComposeConv(), DropIdentity())
@@ -16,7 +18,11 @@ DEFAULT_PASSES = (FoldBatchNorm(), CollapseLinear(), ComposeConv(), DropIdentity
 WITH_UNTRANSPOSE = DEFAULT_PASSES + (UntransposeLinear(),)
 # Opt-in: exact, saves a norm's 2·d affine parameters, but no time (layer_norm applies its affine in
 # the same kernel) and may add biases to bias-free readers; see passes/fold_norm_affine.py.
-ALL_PASSES = WITH_UNTRANSPOSE + (FoldNormAffine(),)
+ALL_PASSES = WITH_UNTRANSPOSE + (FoldNormAffine(), FuseParallel(), SplitParallel())
+# Horizontal fusion: exact, same parameters and MACs, fewer GEMM launches (q/k/v, gate/up); last, so
+# the passes before it see the separate layers. ``SplitParallel`` (in ALL_PASSES after it, so that
+# list round-trips) undoes it where the parts are wanted back.
+WITH_FUSION = DEFAULT_PASSES + (FuseParallel(),)
 
-__all__ = ["CollapseLinear", "ComposeConv", "DropIdentity", "FoldBatchNorm", "FoldNormAffine", "UntransposeLinear",
-           "DEFAULT_PASSES", "WITH_UNTRANSPOSE", "ALL_PASSES"]
+__all__ = ["CollapseLinear", "ComposeConv", "DropIdentity", "FoldBatchNorm", "FoldNormAffine", "FuseParallel",
+           "SplitParallel", "UntransposeLinear", "DEFAULT_PASSES", "WITH_UNTRANSPOSE", "WITH_FUSION", "ALL_PASSES"]

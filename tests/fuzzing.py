@@ -254,6 +254,28 @@ def _conv(b: _Builder, c: int, spatial: tuple) -> None:
     b.module(conv, (c_out, *out))
 
 
+def _parallel_tail(b: _Builder, rng: random.Random) -> None:
+    """Sometimes two or three layers of one geometry on the last value, summed: q/k/v, gate/up,
+    parallel conv branches (fuse_parallel's matches; their bias flags, kernels or widths may differ)."""
+    if rng.random() > 0.3:
+        return
+    shape, src = b.shapes[-1], len(b.shapes) - 1
+    conv = len(shape) >= 2 and any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in b.modules)
+    width = rng.choice([2, shape[0] if conv else shape[-1], 24])
+    outs = []
+    for _ in range(rng.choice([2, 2, 3])):
+        bias = rng.random() < 0.8
+        if conv:
+            k = rng.choice([1, 1, 3])
+            layer = (nn.Conv1d if len(shape) == 2 else nn.Conv2d)(shape[0], width, k, padding=k // 2, bias=bias)
+            b.module(layer, (width, *shape[1:]), src=src)
+        else:
+            b.module(nn.Linear(shape[-1], width, bias=bias), shape[:-1] + (width,), src=src)
+        outs.append(len(b.shapes) - 1)
+    for other in outs[:-1]:
+        b._push(("add", -1, other, None), b.shapes[-1])
+
+
 def random_program(seed: int) -> tuple[nn.Module, tuple[int, ...], torch.dtype]:
     """A random eval-mode model, its input shape (batch first) and dtype."""
     rng = random.Random(seed)
@@ -269,6 +291,7 @@ def random_program(seed: int) -> tuple[nn.Module, tuple[int, ...], torch.dtype]:
             b._push(("flatten", -1, None, None), (math.prod(b.shapes[-1]),))
         else:
             (_conv_step if is_conv else _feature_step)(b)
+    _parallel_tail(b, random.Random(seed ^ 0x5EED))  # its own stream: the programs before it stay as they were
     dtype = torch.float64 if rng.random() < 0.3 else torch.float32
     model = Program(b.steps, b.modules, b.params).to(dtype).eval()
     _add_hooks(model, rng)

@@ -15,7 +15,7 @@ from torch import nn
 
 import fxfuse
 from fxfuse.passes import (ALL_PASSES, CollapseLinear, ComposeConv, DropIdentity, FoldBatchNorm, FoldNormAffine,
-                           UntransposeLinear)
+                           FuseParallel, SplitParallel, UntransposeLinear)
 
 
 def assert_rows_add_up(report) -> None:
@@ -57,6 +57,18 @@ class PreNormAttention(nn.Module):
         return torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2), -1) @ self.v(h)
 
 
+class Fused(nn.Module):
+    """One Linear whose output is split into q, k, v (split_parallel)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split([16, 16, 16], -1)
+        return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+
+
 def _bn(model):
     return randomize_batchnorm(model).eval()
 
@@ -78,6 +90,8 @@ CASES = {
                       (torch.randn(2, 4),)),
     "untranspose_linear": (UntransposeLinear(), lambda: TokenMixing().eval(), (torch.randn(3, 12, 7),)),
     "fold_norm_affine": (FoldNormAffine(), lambda: PreNormAttention().eval(), (torch.randn(2, 5, 16),)),
+    "fuse_parallel": (FuseParallel(), lambda: PreNormAttention().eval(), (torch.randn(2, 5, 16),)),
+    "split_parallel": (SplitParallel(), lambda: Fused().eval(), (torch.randn(2, 5, 16),)),
 }
 
 
