@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .capture import dynamic_shapes
-from .errors import ExportError
+from .errors import ExportError, InputError
 from .verify import rel_error
 from .inputs import Inputs, as_inputs
 from .progress import progress
@@ -50,23 +50,29 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
                 rtol: float = 1e-4) -> ExportReport:
     """Export ``module`` to ``path`` and prove the file right: ``onnx.checker`` passes and
     onnxruntime's outputs are within ``rtol`` (max relative error) of torch's, on the example
-    inputs and, with ``dynamic_batch`` (dim 0 of every input symbolic), at batch 1 and 7 too.
+    inputs and, with ``dynamic_batch`` (dim 0 of every input symbolic), at batch 1 and 7 too (an
+    example batch of 1 is traced at batch 7: torch.export would fix a size of 1).
     ``lean`` folds the exporter's static shape arithmetic and drops no-op nodes (``fxfuse.lean_onnx``).
     ``baseline`` (e.g. the original model) is exported the same way to a temporary file, for
     comparison of node count and initializer bytes. ``opset`` None takes the exporter's default; the
     report says which.
     A progress bar on a terminal (``FXFUSE_QUIET=1`` silences it, see ``fxfuse.progress``)."""
     inputs = as_inputs(example_inputs)
-    checks = [inputs] + [inputs.map(lambda x, b=b: _with_batch(x, b)) for b in ((1, 7) if dynamic_batch else ())]
+    example_batch = inputs.tensors()[0].shape[0]
+    checks = [inputs] + [inputs.map(lambda x, b=b: _with_batch(x, b)) for b in ((1, 7) if dynamic_batch else ())
+                         if b != example_batch]
     batches = [xs.tensors()[0].shape[0] for xs in checks]
+    traced = checks[-1] if dynamic_batch and batches[0] == 1 else inputs  # export would fix a batch of 1
+    if traced is not inputs:
+        _check_runs_at_another_batch(module, traced)
     with progress(desc="fxfuse export_onnx", total=1 + len(checks) + (baseline is not None)) as bar:
         bar.set_postfix_str("torch.onnx.export")
-        stats, opset_used = _export(module, inputs, Path(path), opset, dynamic_batch, lean)
+        stats, opset_used = _export(module, traced, Path(path), opset, dynamic_batch, lean)
         bar.update()
         run, errors = onnxruntime_runner(path), []
         for b, xs in zip(batches, checks):
             bar.set_postfix_str(f"onnxruntime check, batch {b}")
-            errors.append(rel_error(run(xs), _torch_outputs(module, xs)))
+            errors.append(rel_error(_run_at(run, xs, b, path), _torch_outputs(module, xs)))
             bar.update()
         error = max(errors)
         if not error <= rtol:
@@ -75,7 +81,7 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | os.PathLike,
         if baseline is not None:
             bar.set_postfix_str("baseline export")
             with tempfile.TemporaryDirectory() as tmp:
-                report.baseline, _ = _export(baseline, inputs, Path(tmp) / "baseline.onnx", opset, dynamic_batch,
+                report.baseline, _ = _export(baseline, traced, Path(tmp) / "baseline.onnx", opset, dynamic_batch,
                                               lean)
             bar.update()
     return report
@@ -102,6 +108,25 @@ def onnxruntime_runner(path: str | os.PathLike) -> Callable[[tuple], list[torch.
 def run_onnxruntime(path: str | os.PathLike, inputs) -> list[torch.Tensor]:
     """Outputs of the ONNX file at ``path`` on ``inputs``, by onnxruntime's CPU provider."""
     return onnxruntime_runner(path)(inputs)
+
+
+def _check_runs_at_another_batch(module: nn.Module, inputs: Inputs) -> None:
+    try:
+        _torch_outputs(module, inputs)
+    except InputError as e:  # a graph fxfuse captured by torch.export at batch 1 accepts batch 1 only
+        raise ExportError(f"{type(module).__name__} runs at batch 1 only, so its ONNX file cannot have a dynamic "
+                          f"batch: {str(e).split(' Fix:')[0]} Optimize it with example inputs of a batch of 2 or more, "
+                          f"or pass dynamic_batch=False.") from e
+
+
+def _run_at(run: Callable, inputs: Inputs, batch: int, path) -> list[torch.Tensor]:
+    try:
+        return run(inputs)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"onnxruntime cannot run {path} at batch {batch}: {first}. Fix: pass dynamic_batch=False "
+                          f"(the graph's shapes depend on the batch size), or give example inputs of a batch of 2 "
+                          f"or more") from e
 
 
 def _with_batch(x: torch.Tensor, batch: int) -> torch.Tensor:

@@ -40,3 +40,30 @@ def test_export_failure_is_an_export_error(tmp_path):
 
     with pytest.raises(fxfuse.ExportError, match="Sparse"):
         fxfuse.export_onnx(Sparse().eval(), (torch.randn(2, 2),), tmp_path / "s.onnx")
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.PReLU(init=1.0), nn.Linear(16, 3)).eval()
+
+
+def test_an_example_batch_of_one_still_gives_a_dynamic_batch(tmp_path):
+    """torch.export fixes a size of 1, so the file is traced at another batch and runs at any."""
+    model = _mlp()
+    report = fxfuse.export_onnx(model, (torch.randn(1, 6),), tmp_path / "b1.onnx")
+    assert report.batches == [1, 7]
+    x = torch.randn(5, 6)
+    (y,) = run_onnxruntime(tmp_path / "b1.onnx", (x,))
+    assert torch.allclose(y, model(x), rtol=1e-4, atol=1e-6)
+
+
+def test_a_graph_captured_at_batch_one_is_refused_a_dynamic_batch_with_a_fix(tmp_path, each_capture):
+    model, x = _mlp(), torch.randn(1, 6)
+    gm = fxfuse.optimize(model, (x,))
+    if each_capture == "fx":  # symbolic_trace fixes no size: the batch stays free
+        assert fxfuse.export_onnx(gm, (x,), tmp_path / "fx.onnx").batches == [1, 7]
+        return
+    with pytest.raises(fxfuse.ExportError, match="runs at batch 1 only") as e:
+        fxfuse.export_onnx(gm, (x,), tmp_path / "g.onnx")
+    assert "batch of 2 or more, or pass dynamic_batch=False" in str(e.value)
+    assert fxfuse.export_onnx(gm, (x,), tmp_path / "g.onnx", dynamic_batch=False).batches == [1]
