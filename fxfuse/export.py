@@ -160,4 +160,7 @@ def _export(module: nn.Module, inputs: Inputs, path: Path, opset: int | None, dy
         raise ExportError(f"ONNX export of {type(module).__name__} to {path} failed: {type(e).__name__}: {e}.{fix}") from e
     initializer_bytes = sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
     opset_used = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset is not None and opset_used != opset:
+        raise ExportError(f"the ONNX exporter wrote opset {opset_used} to {path}, not the opset {opset} asked for: it "
+                          f"cannot convert this model to opset {opset}. Give opset {opset_used} or later, or none.")
     return OnnxStats(str(path), len(model.graph.node), initializer_bytes, path.stat().st_size), opset_used

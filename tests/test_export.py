@@ -67,3 +67,9 @@ def test_a_graph_captured_at_batch_one_is_refused_a_dynamic_batch_with_a_fix(tmp
         fxfuse.export_onnx(gm, (x,), tmp_path / "g.onnx")
     assert "batch of 2 or more, or pass dynamic_batch=False" in str(e.value)
     assert fxfuse.export_onnx(gm, (x,), tmp_path / "g.onnx", dynamic_batch=False).batches == [1]
+
+
+def test_an_opset_the_exporter_cannot_write_is_an_error_not_a_silent_other_opset(tmp_path):
+    with pytest.raises(fxfuse.ExportError, match="not the opset 7 asked for") as e:
+        fxfuse.export_onnx(_mlp(), (torch.randn(2, 6),), tmp_path / "o7.onnx", opset=7)
+    assert "Give opset" in str(e.value)
