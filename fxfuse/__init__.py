@@ -23,11 +23,12 @@ from .prepare import CollapsePair, collapse_pairs, prepare_collapse, slopes
 from .report import Report, Row
 from .similarity import save_heatmap
 from .tie import Tie, feedforward_cka, finetune
+from .module_tie import from_pretrained, tie  # after .tie: the name fxfuse.tie is this function
 
 __all__ = [
     "optimize", "report_of", "analyze", "Analysis", "export_onnx", "ExportReport", "Report", "Row", "Candidate", "Options",
     "FxfuseError", "InputError", "TraceError", "UnsupportedModelError", "VerificationError", "PassError",
-    "ExportError", "Tie", "finetune", "feedforward_cka", "save_heatmap",
+    "ExportError", "Tie", "tie", "from_pretrained", "finetune", "feedforward_cka", "save_heatmap",
     "prepare_collapse", "collapse_pairs", "slopes", "CollapsePair", "collapse_regularizer", "AdamLC",
     "collapse_param_groups", "self_distillation_loss", "finetune_collapse", "max_slope_deviation",
 ]

@@ -105,12 +105,15 @@ class Tie:
         return self.remove // self.removed_per_window
 
 
-def run_tie(gm: fx.GraphModule, tie: Tie, example_inputs: tuple | None) -> list[Row]:
-    """Find, score, merge and tie FF sublayers of ``gm`` in place; return the report rows."""
+def run_tie(gm: fx.GraphModule, tie: Tie, example_inputs: tuple | None, target: Callable | None = None) -> list[Row]:
+    """Find, score, merge and tie FF sublayers of ``gm``; return the report rows. ``target(gm, tie,
+    ffs)`` makes what the ties are applied to: default ``GraphTarget``, ``gm`` itself in place
+    (``fxfuse.module_tie`` applies them to the model's module tree instead)."""
     tie.check()
     ffs = find_feedforwards(gm)
+    target = (target or GraphTarget)(gm, tie, ffs)
     rows: list[Row] = []
-    candidates = _candidate_windows(tie, ffs, group_feedforwards(ffs), rows)
+    candidates = target.placeable(_candidate_windows(tie, ffs, group_feedforwards(ffs), rows), rows)
     if not candidates:
         return rows
     batches = _batches(tie, example_inputs)
@@ -125,21 +128,45 @@ def run_tie(gm: fx.GraphModule, tie: Tie, example_inputs: tuple | None) -> list[
     plans = {w: plan_window(tie, ffs, w, stats) for w in planned}
     if by_evaluation:
         scoring = progress_bar(candidates, desc="fxfuse tie scoring")
-        scores = {w: _evaluation_score(gm, tie, w, plans[w]) for w in scoring}
+        scores = {w: _evaluation_score(target, tie, plans[w]) for w in scoring}
         chosen = _choose(tie, candidates, scores)
     for w in candidates:
         rows.append(Row(PASS_NAME, "scored", [ffs[i].name for i in w], score=scores[w],
                         reason=f"window {list(w)} by {tie.selector}" + ("" if w in chosen else "; not chosen")))
     for w in chosen:
-        problem = alignment_problem(gm, ffs, plans[w], samples)
+        problem = target.problem(plans[w], samples)
         if problem:
             rows.append(Row(PASS_NAME, "skipped", [ffs[i].name for i in w], reason=problem))
         else:
-            rows.append(apply_plan(gm, tie, [ffs[i] for i in w], plans[w], samples))
+            rows.append(target.apply(plans[w], samples))
     if len(chosen) < tie.groups:
         rows.append(Row(PASS_NAME, "skipped", [], reason=f"only {len(chosen)} non-overlapping window(s) of {tie.size} "
                                                           f"FFs fit, {tie.groups} asked for (remove={tie.remove})"))
     return rows
+
+
+class GraphTarget:
+    """Ties applied to the captured graph: every FF of a window calls one shared module."""
+
+    def __init__(self, gm: fx.GraphModule, tie: Tie, ffs: list):
+        self.gm, self.tie, self.ffs = gm, tie, ffs
+
+    def placeable(self, windows: list, rows: list[Row]) -> list:
+        """Every window can be tied in a graph."""
+        return windows
+
+    def problem(self, plan: Plan, samples: dict) -> str | None:
+        return alignment_problem(self.gm, self.ffs, plan, samples)
+
+    def trial(self, plan: Plan) -> nn.Module:
+        """A copy of the graph with ``plan``'s window merged, for ``Tie.evaluate``."""
+        trial = copy.deepcopy(self.gm)
+        trial_ffs = find_feedforwards(trial)
+        rewrite(trial, [trial_ffs[i] for i in plan.window], plan)
+        return trial
+
+    def apply(self, plan: Plan, samples: dict) -> Row:
+        return apply_plan(self.gm, self.tie, [self.ffs[i] for i in plan.window], plan, samples)
 
 
 ALIGN_TOLERANCE = 1e-4  # a permuted FF must reproduce its own outputs (round-off only; half precision: its floor)
@@ -299,11 +326,9 @@ def _weight_score(tie: Tie, ffs, window) -> float:
     return sum(distance(tie.selector, ffs[a].weights(), ffs[i].weights()) for i in others) / len(others)
 
 
-def _evaluation_score(gm, tie: Tie, window, plan: Plan) -> float:
+def _evaluation_score(target, tie: Tie, plan: Plan) -> float:
     """Sec. 3.4: ``tie.evaluate`` of a copy of the model with the window merged."""
-    trial = copy.deepcopy(gm)
-    trial_ffs = find_feedforwards(trial)
-    rewrite(trial, [trial_ffs[i] for i in window], plan)
+    trial = target.trial(plan)
     with torch.no_grad():
         return float(tie.evaluate(trial))
 
