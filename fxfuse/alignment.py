@@ -17,6 +17,9 @@ solved by scipy's Jonker–Volgenant ``linear_sum_assignment``. B's neuron π(i)
 position i: W1' = W1[π], b1' = b1[π], W2' = W2[:, π] (Eqs. 3–5; for SwiGLU also Wg' = Wg[π], App.
 A Eqs. 8–10). Merging averages the k aligned FFs: W̄ = (1/k) Σ_l W'_l (Eq. 6). The merge is exact
 only when the aligned FFs are equal.
+
+Past one process (DDP, ``torchrun``): each rank streams its own shard of the data, and ``all_reduce``
+sums the ranks' sums before Eq. 1, so every rank solves Eq. 2 on the statistics of all the data.
 """
 from __future__ import annotations
 
@@ -92,6 +95,29 @@ class FeatureStats:
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.sum / self.n
         return mean, (self.sum_sq / self.n - mean * mean).clamp_min(0).sqrt()
+
+
+def all_reduce(stats: FeatureStats, group=None) -> FeatureStats:
+    """Sum ``stats`` in place over the ranks of a ``torch.distributed`` process ``group`` (default:
+    the world), so that every rank holds the statistics of the union of the ranks' data.
+
+    Every quantity of Eq. 1 is a function of sums over positions, and a sum over the union of the
+    shards is the sum of the shards' sums: N = Σ_r N_r, Σa = Σ_r Σ_(r) a, Σa² = Σ_r Σ_(r) a² and
+    Σ a bᵀ = Σ_r Σ_(r) a bᵀ. The means μ = Σa/N, the variances σ² = Σa²/N − μ² and C_ij (Eq. 1) are
+    then those of one process over all the data, up to the order of the float64 additions (the
+    all-reduce itself gives every rank the same bits). Collective: every rank of ``group`` must
+    call it, on the same features with the same partners, in the same order; the tensors are
+    reduced on their own device, which the backend must support (gloo: CPU, nccl: CUDA).
+    """
+    import torch.distributed as dist
+
+    if stats.sum is None:
+        raise ValueError("all_reduce(FeatureStats) needs at least one add() on every rank (the feature width)")
+    count = torch.tensor([stats.n], dtype=torch.int64, device=stats.sum.device)
+    for t in [count, stats.sum, stats.sum_sq] + [stats.cross[j] for j in sorted(stats.cross)]:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    stats.n = int(count.item())
+    return stats
 
 
 def cross_correlation(a: FeatureStats, b: FeatureStats, cross_ab: torch.Tensor) -> torch.Tensor:

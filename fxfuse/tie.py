@@ -13,6 +13,10 @@ Verma, Murray & Duh, "Merging Feed-Forward Sublayers for Compressed Transformers
 
 Merging is exact only when the aligned FFs are equal; the report gives each merge's measured
 error on the FF outputs (first calibration batch) and ``Report.tie_error`` end to end.
+
+Under ``torch.distributed`` (DDP, ``torchrun``) each rank passes its own shard of the calibration
+data; the feature sums are all-reduced before the alignment (``alignment.all_reduce``), so every
+rank finds the same permutations and merged weights as one process on the union of the shards.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .alignment import FeatureStats, FFWeights, average, cross_correlation, match_permutation, mix, permute
+from .alignment import FeatureStats, FFWeights, all_reduce, average, cross_correlation, match_permutation, mix, permute
 from .capture import capture
 from .errors import InputError
 from .feedforward import drop_sites, extract, find_feedforwards, find_in_extracted, group_feedforwards, tie_sites
@@ -50,7 +54,9 @@ class Tie:
         example inputs. ``mask(batch)`` may return a bool tensor of the batch's positions (e.g. the
         attention mask) to leave padding out of the features.
     evaluate: ``evaluate(model) -> float``, lower is better (e.g. validation loss): windows are
-        scored by it (Sec. 3.4). Without it, ``select`` names a data-free measure.
+        scored by it (Sec. 3.4). Without it, ``select`` names a data-free measure. Under
+        ``torch.distributed`` it must return the same value on every rank (e.g. all-reduce its own
+        loss): ranks that choose different windows raise ``InputError``.
     select: 'evaluate' or one of 'cosine', 'kl', 'bures', 'euclidean' (layer fusion measures).
     align: 'permute' (Eqs. 1–2) or 'vanilla' (average without alignment, the paper's baseline).
     fuse: 'mean' (Eq. 6), 'freeze' (keep the member nearest the network's middle), 'mix' (random
@@ -58,6 +64,10 @@ class Tie:
         zero; window defaults to ``remove``).
     anchor: 'first', 'middle' or 'last' FF of a window (Sec. 5.3).
     windows: explicit windows (lists of FF indices in graph order) instead of a search.
+    distributed: sum the feature statistics over the ``torch.distributed`` ranks, each of which
+        passes its own shard of ``calibration``. None (default): when a process group of more than
+        one rank is initialized; False: never (a tie run on one rank alone); True: require one. A
+        collective: every rank of the world must run the tie, on the same model and options.
     """
 
     remove: int = 1
@@ -71,6 +81,7 @@ class Tie:
     mask: Callable[[Any], torch.Tensor] | None = None
     windows: Sequence[Sequence[int]] | None = None
     seed: int = 0
+    distributed: bool | None = None
 
     @property
     def size(self) -> int:
@@ -88,6 +99,10 @@ class Tie:
         _choice("select", self.selector, ("evaluate",) + MEASURES)
         if self.selector == "evaluate" and self.evaluate is None:
             raise InputError("Tie(select='evaluate') needs evaluate=callable(model) -> float (lower is better).")
+        if self.distributed and not _process_group():
+            raise InputError("Tie(distributed=True) needs an initialized torch.distributed process group. "
+                             "Fix: call torch.distributed.init_process_group first (under torchrun), "
+                             "or leave distributed=None.")
         per_window = self.removed_per_window
         if self.windows is None and (self.remove < 1 or per_window < 1 or self.remove % per_window):
             raise InputError(f"Tie(remove={self.remove}, window={self.window}): each window of {self.size} FFs "
@@ -123,18 +138,23 @@ def run_tie(gm: fx.GraphModule, tie: Tie, example_inputs: tuple | None, target: 
         chosen = _choose(tie, candidates, scores)
     planned = candidates if by_evaluation else chosen
     pairs = _pairs(tie, planned)
+    distributed = tie.distributed is not False and _process_group() and torch.distributed.get_world_size() > 1
     stats, samples = collect_features(gm, ffs, batches if pairs else batches[:1], pairs, tie.mask,
-                                      members={i for w in planned for i in w})
+                                      members={i for w in planned for i in w}, distributed=distributed)
     plans = {w: plan_window(tie, ffs, w, stats) for w in planned}
     if by_evaluation:
         scoring = progress_bar(candidates, desc="fxfuse tie scoring")
         scores = {w: _evaluation_score(target, tie, plans[w]) for w in scoring}
         chosen = _choose(tie, candidates, scores)
+    if distributed:
+        _same_on_every_rank(chosen)
     for w in candidates:
         rows.append(Row(PASS_NAME, "scored", [ffs[i].name for i in w], score=scores[w],
                         reason=f"window {list(w)} by {tie.selector}" + ("" if w in chosen else "; not chosen")))
     for w in chosen:
         problem = target.problem(plans[w], samples)
+        if distributed:  # each rank checked its own first batch: skip on every rank if one failed
+            problem = _first_of_ranks(problem)
         if problem:
             rows.append(Row(PASS_NAME, "skipped", [ffs[i].name for i in w], reason=problem))
         else:
@@ -239,10 +259,13 @@ def _rows_of(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return rows if mask is None else rows[mask.reshape(-1).bool()]
 
 
-def collect_features(gm, ffs, batches, pairs: dict[int, set], mask=None, members: set | None = None):
+def collect_features(gm, ffs, batches, pairs: dict[int, set], mask=None, members: set | None = None,
+                     distributed: bool = False):
     """One pass over ``batches``: streaming float64 sums of the hidden features of the FFs
     ``members`` (indices; default all), the cross sums the alignment needs (``pairs``), and the
-    first batch's inputs/outputs of those FFs for error checks."""
+    first batch's inputs/outputs of those FFs for error checks. ``distributed``: the sums are then
+    all-reduced over the ``torch.distributed`` world (``alignment.all_reduce``); the samples stay
+    this rank's."""
     members = sorted(range(len(ffs)) if members is None else members)
     stats = {i: FeatureStats() for i in members}
     samples = {}
@@ -257,6 +280,9 @@ def collect_features(gm, ffs, batches, pairs: dict[int, set], mask=None, members
             stats[i].add(f)
             for j in pairs.get(i, ()):
                 stats[i].add_cross(j, f, feats[j])
+    if distributed:
+        for i in members:  # sorted: every rank reduces the same tensors in the same order
+            all_reduce(stats[i])
     return stats, samples
 
 
@@ -352,6 +378,30 @@ def _choose(tie: Tie, candidates, scores) -> list[tuple[int, ...]]:
             chosen.append(w)
             used |= set(w)
     return chosen
+
+
+def _process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _gather(value) -> list:
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _same_on_every_rank(chosen: list) -> None:
+    """Raise ``InputError`` on every rank when the ranks chose different windows."""
+    by_rank = _gather(chosen)
+    if any(c != by_rank[0] for c in by_rank):
+        raise InputError(f"Tie: the torch.distributed ranks chose different windows ({', '.join(map(str, by_rank))}, "
+                         "by rank). Fix: make evaluate return the same value on every rank (all-reduce its loss), "
+                         "and give every rank the same model.")
+
+
+def _first_of_ranks(problem: str | None) -> str | None:
+    """The first rank's reason to skip, if any rank has one."""
+    return next((f"rank {r}: {p}" for r, p in enumerate(_gather(problem)) if p), None)
 
 
 def _choice(name: str, value, allowed) -> None:
