@@ -18,6 +18,8 @@ differently):
    - ``Unsqueeze(Unsqueeze(x, a), b)`` becomes one ``Unsqueeze``, for each reader of the inner one
      (the optimizer's rule takes one axis each, and one reader);
    - ``Slice(Shape(x))`` whose entries are all static becomes a constant;
+   - a ``Reshape`` whose inferred output shape is its input's (static dims and named symbols
+     equal, e.g. a mask viewed as ``(B, −1)``) becomes ``x``;
    - ``Reshape(f(Reshape(x, s₁)), s₂)`` becomes ``f(x)`` where ``f`` is elementwise with scalar
      constants only (GPT-2's Conv1D: ``view → GELU → view``) and ``s₂`` gives ``x``'s own shape.
 
@@ -139,6 +141,31 @@ def _merge_unsqueezes(graph: ir.Graph) -> None:
             graph.remove(inner, safe=True)
 
 
+class _IdentityReshape(RewriteRuleClassBase):
+    """``Reshape(x, s)`` → ``x`` where shape inference gives the output ``x``'s own shape, dim by dim."""
+
+    def pattern(self, op, x, shape):
+        return op.Reshape(x, shape, _allow_other_attributes=True)
+
+    def check(self, context, x, shape) -> MatchResult:
+        result, out = MatchResult(), context.output_values[0]
+        if x.shape is None or out.shape is None or len(x.shape) != len(out.shape):
+            return result.fail("the shapes are not known")
+        if not all(_same_dim(a, b) for a, b in zip(x.shape, out.shape)):
+            return result.fail("the reshape changes a dim, or one is unknown")
+        return result
+
+    def rewrite(self, op, x, shape):
+        return op.Identity(x)
+
+
+def _same_dim(a, b) -> bool:
+    """Equal static dims, or the same named symbol (an unnamed symbolic dim proves nothing)."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return a.value is not None and a.value == b.value
+
+
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Tanh", "Erf", "Sigmoid", "Relu", "Neg", "Exp", "Sqrt", "Abs",
                 "PRelu", "LeakyRelu", "Gelu", "Cast", "Identity"}
 
@@ -208,5 +235,5 @@ _RULES = RewriteRuleSet([
     *(_ReshapeOfReshape.rule(inner) for inner in ("Squeeze", "Unsqueeze", "Flatten")),
     *(_NeutralOperand.rule("And", True, first) for first in (False, True)),
     *(_NeutralOperand.rule("Or", False, first) for first in (False, True)),
-    _StaticShapeSlice.rule(),
+    _StaticShapeSlice.rule(), _IdentityReshape.rule(),
 ])

@@ -153,3 +153,14 @@ def test_a_slice_of_static_shape_entries_becomes_a_constant(tmp_path):
     out = lean(model)
     assert [n.op_type for n in out.graph.node] == ["Reshape"]
     assert _same_outputs(model, out, tmp_path, np.random.default_rng(0).standard_normal((2, 3, 4), np.float32))
+
+
+@pytest.mark.parametrize("target, dropped", [([0, -1], True), ([-1, 3, 2], False)])
+def test_a_reshape_to_its_own_shape_is_dropped(tmp_path, target, dropped):
+    """A mask viewed as (B, −1) is itself; a view that changes the shape stays."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Relu", ["r"], ["y"])]
+    out_shape = ["batch", 6] if dropped else ["batch", 3, 2]
+    model = _graph_file(nodes, [_x("batch", 6)], _out("y", *out_shape), {"shape": np.array(target, np.int64)})
+    out = lean(model)
+    assert ("Reshape" in [n.op_type for n in out.graph.node]) != dropped
+    assert _same_outputs(model, out, tmp_path, np.random.default_rng(0).standard_normal((4, 6), np.float32))
