@@ -23,7 +23,8 @@ from .prepare import CollapsePair, collapse_pairs, prepare_collapse, slopes
 from .report import Report, Row
 from .similarity import save_heatmap
 from .tie import Tie, feedforward_cka, finetune
-from .module_tie import from_pretrained, tie  # after .tie: the name fxfuse.tie is this function
+from .module_tie import tie  # after .tie: the name fxfuse.tie is this function
+from .module_tree import from_pretrained
 
 __all__ = [
     "optimize", "report_of", "analyze", "Analysis", "export_onnx", "ExportReport", "Report", "Row", "Candidate", "Options",

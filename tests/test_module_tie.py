@@ -196,16 +196,71 @@ def test_torch_save_and_load_keep_the_ties(permuted):
     assert torch.equal(logits(back, x), logits(tied, x))
 
 
-def test_an_ff_spread_over_two_submodules_is_refused_with_the_fix():
-    """BERT's FF is intermediate.dense → GELU → output.dense: no one submodule to share."""
+def bert(layers=3):
     torch.manual_seed(0)
-    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                                     vocab_size=V, max_position_embeddings=32)
-    model = transformers.BertModel(config).eval()
-    with pytest.raises(fxfuse.UnsupportedModelError) as error:
-        fxfuse.tie(model, [ids(1)])
-    first = str(error.value).splitlines()[0]
-    assert "only part of encoder.layer.0 (BertLayer)" in first and "fxfuse.optimize(model, inputs, tie=fxfuse.Tie" in first
+    config = transformers.BertConfig(num_hidden_layers=layers, hidden_size=32, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=V, max_position_embeddings=32, num_labels=3)
+    return nudge(transformers.BertForSequenceClassification(config)).eval()
+
+
+def vit(layers=3):
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                    intermediate_size=64, image_size=16, patch_size=8, num_labels=3)
+    return nudge(transformers.ViTForImageClassification(config)).eval()
+
+
+def encoder_batches(arch):
+    if arch == "bert":
+        return [{"input_ids": ids(s), "attention_mask": torch.ones(2, 8, dtype=torch.long)} for s in range(1, 4)]
+    return [{"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(s))} for s in range(3)]
+
+
+def up_down(model, k):
+    """Layer k's FF Linears: BERT's intermediate.dense and output.dense, ViT's (transformers 5) mlp.fc1 and fc2."""
+    if hasattr(model, "bert"):
+        layer = model.bert.encoder.layer[k]
+        return layer.intermediate.dense, layer.output.dense
+    return model.vit.layers[k].mlp.fc1, model.vit.layers[k].mlp.fc2
+
+
+def copy_permuted_encoder(model, layers):
+    """Layer 0's FF into ``layers`` with its hidden units shuffled."""
+    g = torch.Generator().manual_seed(1)
+    up0, down0 = up_down(model, 0)
+    with torch.no_grad():
+        for k in layers:
+            up, down = up_down(model, k)
+            perm = torch.randperm(up0.out_features, generator=g)
+            up.weight.copy_(up0.weight[perm])
+            up.bias.copy_(up0.bias[perm])
+            down.weight.copy_(down0.weight[:, perm])
+            down.bias.copy_(down0.bias)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["bert", "vit"])
+def test_an_ff_spread_over_two_submodules_shares_its_two_dense_modules(arch, tmp_path):
+    """BERT's FF is intermediate.dense → GELU → output.dense, and output also adds the residual and
+    normalises: the two Linear modules are shared, the rest of each layer stays its own. (ViT's FF is
+    one module in transformers 5, vit.layers.k.mlp: shared whole.)"""
+    model = copy_permuted_encoder({"bert": bert, "vit": vit}[arch](), [1])
+    batches = encoder_batches(arch)
+    tied = fxfuse.tie(model, batches, windows=[(0, 1)])
+    assert type(tied) is type(model)
+    assert up_down(tied, 1) == up_down(tied, 0) and up_down(tied, 2)[1] is not up_down(tied, 0)[1]
+    assert len({id(m) for m in tied.modules() if isinstance(m, torch.nn.LayerNorm)}) == len(
+        [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)])
+    d, i = model.config.hidden_size, model.config.intermediate_size
+    assert n_params(tied) == n_params(model) - (2 * d * i + i + d)
+    with torch.no_grad():
+        ref, out = model(**batches[0]).logits, tied(**batches[0]).logits
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5  # exact permutations: the same function
+    tied.save_pretrained(tmp_path)
+    again = fxfuse.from_pretrained(type(model), tmp_path)
+    assert up_down(again, 1) == up_down(again, 0)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(**batches[1]).logits, tied(**batches[1]).logits)
 
 
 @pytest.mark.parametrize("capture", ["export", "fx"])
@@ -224,14 +279,16 @@ def test_drop_is_refused():
 
 
 class Residual(torch.nn.Module):
-    """A block whose FF layers are its own children: the FF is part of the block, no submodule of its own."""
+    """A block computing its FF with functional layers on its own parameters: no submodule to share."""
 
     def __init__(self):
         super().__init__()
-        self.norm, self.fc1, self.fc2 = torch.nn.LayerNorm(16), torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.w1, self.w2 = torch.nn.Parameter(torch.randn(32, 16)), torch.nn.Parameter(torch.randn(16, 32))
 
     def forward(self, x):
-        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+        f = torch.nn.functional
+        return x + f.linear(f.gelu(f.linear(self.norm(x), self.w1)), self.w2)
 
 
 @pytest.mark.parametrize("capture", ["export", "fx"])
