@@ -19,7 +19,8 @@ from .collapse_training import (AdamLC, collapse_param_groups, collapse_regulari
 from .export import ExportReport, export_onnx
 from .optimize import optimize, report_of
 from .pass_manager import Candidate, Options
-from .prepare import CollapsePair, collapse_pairs, prepare_collapse, slopes
+from .prepare import CollapsePair, collapse_pairs, prepare_collapse, skipped_of, slopes
+from .module_collapse import collapse
 from .report import Report, Row
 from .similarity import save_heatmap
 from .tie import Tie, feedforward_cka, finetune
@@ -30,6 +31,6 @@ __all__ = [
     "optimize", "report_of", "analyze", "Analysis", "export_onnx", "ExportReport", "Report", "Row", "Candidate", "Options",
     "FxfuseError", "InputError", "TraceError", "UnsupportedModelError", "VerificationError", "PassError",
     "ExportError", "Tie", "tie", "from_pretrained", "finetune", "feedforward_cka", "save_heatmap",
-    "prepare_collapse", "collapse_pairs", "slopes", "CollapsePair", "collapse_regularizer", "AdamLC",
+    "prepare_collapse", "collapse", "collapse_pairs", "skipped_of", "slopes", "CollapsePair", "collapse_regularizer", "AdamLC",
     "collapse_param_groups", "self_distillation_loss", "finetune_collapse", "max_slope_deviation",
 ]

@@ -40,6 +40,15 @@ class ChannelAffine:
         return cls(torch.ones(channels, dtype=torch.float64, device=device),
                    torch.zeros(channels, dtype=torch.float64, device=device))
 
+    def then_prelu(self, slopes: torch.Tensor, tau: float) -> "ChannelAffine | str":
+        """Compose with a PReLU treated as the identity, exact when every slope α is 1; or the
+        reason it is not linear enough (max|α − 1| > τ)."""
+        deviation = (slopes.detach().double() - 1).abs().max().item()
+        if deviation > tau:
+            return f"PReLU slope max|α−1| = {deviation:.3g} > τ = {tau:g}: the activation is not linear"
+        return ChannelAffine(self.scale, self.shift, self.exact and deviation == 0,
+                             max(self.slope_deviation, deviation), self.rank)
+
     def then(self, scale: torch.Tensor, shift: torch.Tensor) -> "ChannelAffine":
         """Compose with a following map h ↦ scale ⊙ h + shift."""
         return ChannelAffine(scale * self.scale, scale * self.shift + shift, self.exact, self.slope_deviation, self.rank)
@@ -108,11 +117,9 @@ def affine_between(layer: Op, middle: list[Op], tau: float) -> ChannelAffine | s
         if op.kind == IDENTITY:
             continue
         if op.kind == PRELU:
-            deviation = (op.weight.detach().double() - 1).abs().max().item()
-            if deviation > tau:
-                return f"PReLU slope max|α−1| = {deviation:.3g} > τ = {tau:g}: the activation is not linear"
-            affine = ChannelAffine(affine.scale, affine.shift, affine.exact and deviation == 0,
-                                   max(affine.slope_deviation, deviation))
+            affine = affine.then_prelu(op.weight, tau)
+            if isinstance(affine, str):
+                return affine
         elif op.kind == BATCHNORM:
             problem = batchnorm_problem(op.stats, layer)
             if problem:
@@ -126,6 +133,17 @@ def affine_between(layer: Op, middle: list[Op], tau: float) -> ChannelAffine | s
 
 # Structurally a candidate between two layers: identity, dropout, PReLU or BatchNorm.
 is_between_op = kinds(*BETWEEN_KINDS)
+
+
+def collapsed_linear(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
+                     affine: ChannelAffine) -> nn.Linear:
+    """One Linear for Linear(w1, b1) → affine → Linear(w2, b2) (weights in nn.Linear's (out, in)
+    layout), in the dtype and device of ``w1``: W = W2·diag(s)·W1, b = W2·(s ⊙ b1 + t) + b2 in
+    float64 (LayerCollapse Eq. 3 with the affine between folded)."""
+    w1_folded, b1_folded = fold_into_weights(w1, b1, affine)
+    w2 = w2.detach().double()
+    bias = w2 @ b1_folded + (0 if b2 is None else b2.detach().double())
+    return new_linear(w2 @ w1_folded, bias, w1)
 
 
 def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: torch.Tensor) -> nn.Linear:

@@ -50,7 +50,7 @@ SHAPE_READS = {"size", aten.sym_size.int}  # read a shape, not values
 ADDMM = {torch.addmm, aten.addmm.default}  # GPT-2's Conv1D: addmm(bias, x.view(-1, in), weight (in, out))
 
 
-def _is_reshape(node: fx.Node) -> bool:
+def is_reshape(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target in ("view", "reshape")) or (
         node.op == "call_function" and node.target in (aten.view.default, aten.reshape.default))
 
@@ -64,10 +64,14 @@ class Dense:
     bias: torch.Tensor | None
     transposed: bool = False
 
+    @property
+    def linear_weight(self) -> torch.Tensor:
+        """The weight in nn.Linear layout (out, in), a view in its own dtype."""
+        return self.weight.T if self.transposed else self.weight
+
     def matrix(self) -> torch.Tensor:
         """The weight in nn.Linear layout (out, in), float64."""
-        w = self.weight.detach().double()
-        return w.T if self.transposed else w
+        return self.linear_weight.detach().double()
 
     def load(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         with torch.no_grad():
@@ -133,7 +137,7 @@ def as_dense(gm: fx.GraphModule, node: fx.Node) -> Dense | None:
 def data_input(gm: fx.GraphModule, dense: Dense) -> fx.Node:
     """The tensor a dense node transforms, looking through the flattening ``view`` of ``addmm``."""
     arg = dense.node.args[1] if dense.node.target in ADDMM else dense.node.args[0]
-    if _is_reshape(arg):
+    if is_reshape(arg):
         return arg.args[0]
     return arg
 
@@ -141,7 +145,7 @@ def data_input(gm: fx.GraphModule, dense: Dense) -> fx.Node:
 def dense_output(dense: Dense) -> fx.Node:
     """The dense node's value in the input's shape (the un-flattening ``view`` after ``addmm``)."""
     users = list(dense.node.users)
-    if dense.node.target in ADDMM and len(users) == 1 and _is_reshape(users[0]):
+    if dense.node.target in ADDMM and len(users) == 1 and is_reshape(users[0]):
         return users[0]
     return dense.node
 
@@ -197,6 +201,9 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     mod = module_of(gm, node)
     if mod is not None:
         return isinstance(mod, ELEMENTWISE_MODULES) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1)
+    if node.op == "call_function" and node.target is aten.prelu.default:  # one slope: the same map on every neuron
+        slope = node.args[1]
+        return isinstance(slope, fx.Node) and slope.op == "get_attr" and fetch_attr(gm, slope.target).numel() == 1
     if node.op == "call_function":
         return node.target in ELEMENTWISE_FUNCTIONS or node.target is operator.getitem
     if node.op == "call_method":

@@ -25,7 +25,6 @@ loads them back.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -37,9 +36,9 @@ from torch import nn
 
 from .capture import _copy, capture as capture_graph
 from .errors import InputError, UnsupportedModelError
-from .feedforward import ADDMM, Dense, FeedForward, _is_reshape, dense_output
+from .feedforward import Dense, FeedForward
 from .inputs import as_inputs
-from .module_tree import record_ties, sole_module
+from .module_tree import dense_modules, record_ties, sole_module, tensor_names, without_cache
 from .optimize import REPORT_ATTRIBUTE
 from .report import Report, Row, count_params
 from .tie import PASS_NAME, Plan, Tie, _batches, alignment_problem, build_shared, run_tie
@@ -71,7 +70,7 @@ def tie(model: nn.Module, calibration: Iterable | None = None, *, capture: str =
     settings.check()
     settings = dataclasses.replace(settings, calibration=_batches(settings, None))  # a generator is read once
     working = _copy(model).eval()
-    with _without_cache(working):
+    with without_cache(working):
         gm = capture_graph(working, as_inputs(settings.calibration[0]), method=capture)
         rows = run_tie(gm, settings, None, target=functools.partial(ModuleTarget, working))
     working.train(model.training)
@@ -81,20 +80,6 @@ def tie(model: nn.Module, calibration: Iterable | None = None, *, capture: str =
     return working
 
 
-@contextlib.contextmanager
-def _without_cache(model: nn.Module):
-    """A transformers config's ``use_cache`` off (a ``DynamicCache`` output cannot be exported), then back."""
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", False)
-    if use_cache:
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        if use_cache:
-            config.use_cache = use_cache
-
-
 class ModuleTarget:
     """Ties applied to ``model``'s module tree (``run_tie``'s target): each FF mapped to the
     submodule whose forward it is, or else to the submodules of its dense layers; a window's
@@ -102,7 +87,7 @@ class ModuleTarget:
 
     def __init__(self, model: nn.Module, gm: fx.GraphModule, tie: Tie, ffs: list[FeedForward]):
         self.model, self.gm, self.tie, self.ffs = model, gm, tie, ffs
-        self.names = _tensor_names(gm)
+        self.names = tensor_names(gm)
         self.sites, self.owners, self.reasons = {}, {}, {}  # FF index -> shared paths, each dense's path, why not
         for i, ff in enumerate(ffs):
             path, reason = region_module(gm, ff, self.names)
@@ -203,33 +188,6 @@ def region_module(gm: fx.GraphModule, ff: FeedForward, names: dict) -> tuple[str
     if outside:
         return None, f"the FF {ff.name} reads {outside[0]}, which is not a tensor of {path}"
     return path, ""
-
-
-def dense_modules(gm: fx.GraphModule, ff: FeedForward, names: dict) -> tuple[list[str] | None, str]:
-    """The paths of the submodules (up projections, then down) whose forward is each exactly one of
-    ``ff``'s dense layers (``nn.Linear``, GPT-2's ``Conv1D``) and holds its weight and bias only, or
-    ``(None, why not)``."""
-    paths = []
-    for d in ff.ups + [ff.down]:
-        flattened = d.node.args[1] if d.node.target in ADDMM and _is_reshape(d.node.args[1]) else None
-        nodes = [n for n in (flattened, d.node, dense_output(d)) if n is not None]
-        path, reason = sole_module(gm, list(dict.fromkeys(nodes)), f"{ff.name}'s layer {d.node.name}")
-        if path is None:
-            return None, reason
-        held = {names.get(id(t)) for t in (d.weight, d.bias) if t is not None}
-        own = {n for n, _ in gm.named_parameters() if n.startswith(path + ".")}
-        if held != own:
-            return None, f"{path} holds other tensors than {ff.name}'s layer weights"
-        paths.append(path)
-    return paths, ""
-
-
-def _tensor_names(gm: fx.GraphModule) -> dict[int, str]:
-    """Each parameter's and buffer's name in ``gm`` by id (its first name when it has several)."""
-    names: dict[int, str] = {}
-    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-        names.setdefault(id(t), name)
-    return names
 
 
 def _relative(name: str, path: str) -> str:

@@ -26,23 +26,22 @@ import contextlib
 import logging
 import os
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from .errors import InputError
+from .feedforward import ADDMM, SHAPE_READS, FeedForward, is_reshape, dense_output
 from .ir import IDENTITY, is_kind
 
 TIES_KEY = "fxfuse_ties"
 MODULES_KEY = "fxfuse_modules"
-SHAPE_READS = {"size", torch.ops.aten.sym_size.int}  # read a shape, not values
 
 
-def _calls(node: fx.Node) -> list[tuple[str, str]]:
+def module_calls(node: fx.Node) -> list[tuple[str, str]]:
     """The module calls ``node`` ran in, outermost first, as (call key, module path); a
     ``call_module`` node's own module last."""
     calls = [(k, v[0].split("@")[0]) for k, v in (node.meta.get("nn_module_stack") or {}).items()]
-    if node.op == "call_module":
+    if node.op == "call_module" and not (calls and calls[-1][1] == node.target):  # symbolic_trace may list it
         calls.append((f"call {node.name}", node.target))
     return calls
 
@@ -63,21 +62,62 @@ def sole_module(gm: fx.GraphModule, nodes: list[fx.Node], what: str) -> tuple[st
     reasons), or ``(None, why not)``: the deepest module call all of them ran in, called once,
     computing nothing else but identities (eval dropout) and shape reads."""
     compute = [n for n in nodes if n.op != "get_attr"]
-    stacks = [_calls(n) for n in compute]
+    stacks = [module_calls(n) for n in compute]
     common = [c for c in stacks[0] if all(c in s for s in stacks[1:]) and c[1]]
     if not common:
         return None, f"{what} belongs to no one submodule call"
     key, path = common[-1]
-    calls = {k for n in gm.graph.nodes for k, p in _calls(n) if p == path}
+    calls = {k for n in gm.graph.nodes for k, p in module_calls(n) if p == path}
     if len(calls) > 1:
         return None, f"{path} is called {len(calls)} times, so its weights serve more than {what}"
     inside = set(nodes)
-    extra = [n for n in gm.graph.nodes if n not in inside and (key, path) in _calls(n)
+    extra = [n for n in gm.graph.nodes if n not in inside and (key, path) in module_calls(n)
              and not (is_kind(gm, n, IDENTITY) or n.target in SHAPE_READS)]
     if extra:
         return None, (f"{what} is only part of {path} ({_type_name(gm, path)}), which also computes "
                       f"{getattr(extra[0].target, '__name__', extra[0].target)}")
     return path, ""
+
+
+def dense_modules(gm: fx.GraphModule, ff: FeedForward, names: dict) -> tuple[list[str] | None, str]:
+    """The paths of the submodules (up projections, then down) whose forward is each exactly one of
+    ``ff``'s dense layers (``nn.Linear``, GPT-2's ``Conv1D``) and holds its weight and bias only, or
+    ``(None, why not)``."""
+    paths = []
+    for d in ff.ups + [ff.down]:
+        flattened = d.node.args[1] if d.node.target in ADDMM and is_reshape(d.node.args[1]) else None
+        nodes = [n for n in (flattened, d.node, dense_output(d)) if n is not None]
+        path, reason = sole_module(gm, list(dict.fromkeys(nodes)), f"{ff.name}'s layer {d.node.name}")
+        if path is None:
+            return None, reason
+        held = {names.get(id(t)) for t in (d.weight, d.bias) if t is not None}
+        own = {n for n, _ in gm.named_parameters() if n.startswith(path + ".")}
+        if held != own:
+            return None, f"{path} holds other tensors than {ff.name}'s layer weights"
+        paths.append(path)
+    return paths, ""
+
+
+def tensor_names(gm: fx.GraphModule) -> dict[int, str]:
+    """Each parameter's and buffer's name in ``gm`` by id (its first name when it has several)."""
+    names: dict[int, str] = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), name)
+    return names
+
+
+@contextlib.contextmanager
+def without_cache(model: nn.Module):
+    """A transformers config's ``use_cache`` off (a ``DynamicCache`` output cannot be exported), then back."""
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", False)
+    if use_cache:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if use_cache:
+            config.use_cache = use_cache
 
 
 def module_spec(module: nn.Module) -> dict:

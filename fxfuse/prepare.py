@@ -19,8 +19,9 @@ the graph), so training code never needs parameter names.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -28,16 +29,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from .affine import batchnorm_problem, collapse_gain, is_between_op
-from .capture import EAGER_KEY, capture, check_inputs
+from .capture import EAGER_KEY, _copy, capture, check_inputs
 from .conv import compose_gain, composed_shape, composition_problem
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError, TraceError, UnsupportedModelError
+from .feedforward import SHAPE_READS, FeedForward, find_feedforwards
 from .match import Chain, chain_where, find_chains, kinds, rank_of, where
+from .module_tree import dense_modules, module_calls, replace_modules, sole_module, tensor_names, without_cache
 from .rewrite import replace_chain, tidy
 from .inputs import as_inputs
-from .ir import BATCHNORM, CONV, LINEAR, Op, module_of
+from .ir import BATCHNORM, CONV, IDENTITY, LINEAR, Op, is_kind, module_of
 
 ROLE_KEY = "fxfuse_collapse_pair"
 SKIPPED_KEY = "fxfuse_prepare_skipped"
+PAIRS_ATTRIBUTE = "fxfuse_collapse_pairs"  # a plain attribute of a prepared module: torch.save keeps it
 ZERO_SLOPE_FUNCTIONS = {F.relu, torch.relu, F.gelu}  # ReLU, and GELU (which becomes ReLU first)
 
 
@@ -50,15 +54,24 @@ class CollapsePair:
     gain: float  # Eq. 7 (Linear) or the corrected Eq. 8 (Conv)
 
 
+def module_slope(module: nn.Module) -> torch.Tensor | float | None:
+    """The PReLU slope that stands for an activation module (ReLU and GELU — transformers' GELU
+    variants too — 0, LeakyReLU s, a PReLU its slopes), or None."""
+    if isinstance(module, nn.PReLU):
+        return module.weight.detach().clone()
+    if isinstance(module, (nn.ReLU, nn.GELU)) or (type(module).__module__.startswith("transformers.")
+                                                  and "GELU" in type(module).__name__):
+        return 0.0
+    if isinstance(module, nn.LeakyReLU):
+        return float(module.negative_slope)
+    return None
+
+
 def initial_slope(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | float | None:
     """The PReLU slope that stands for ``node``'s activation (ReLU/GELU 0, LeakyReLU s), or None."""
     mod = module_of(gm, node)
-    if isinstance(mod, nn.PReLU):
-        return mod.weight.detach().clone()
-    if isinstance(mod, (nn.ReLU, nn.GELU)):
-        return 0.0
-    if isinstance(mod, nn.LeakyReLU):
-        return float(mod.negative_slope)
+    if mod is not None:
+        return module_slope(mod)
     if (node.op == "call_function" and node.target in ZERO_SLOPE_FUNCTIONS) or (
             node.op == "call_method" and node.target == "relu"):
         return 0.0
@@ -120,8 +133,9 @@ def _candidates(gm: fx.GraphModule) -> tuple[list[tuple[Chain, Op, float]], list
     return pairs, skipped
 
 
-def _select(gm: fx.GraphModule, pairs: list, which) -> list:
-    """``which``: 'all', a fraction in (0, 1] of the pairs counted from the end, or module names.
+def _select(pairs: list, which, names_of: Callable[[Any], list[str]]) -> list:
+    """``which``: 'all', a fraction in (0, 1] of the pairs counted from the end, or module names
+    (``names_of(pair)``: its first layer, activation and dropouts, its last layer last).
 
     A name picks the pair that its first layer, activation or dropout belongs to (a layer that ends
     one pair and starts the next picks the next).
@@ -133,11 +147,11 @@ def _select(gm: fx.GraphModule, pairs: list, which) -> list:
             raise InputError(f"which={which!r}: a fraction must lie in (0, 1], e.g. 0.4 for the last 40 % of pairs.")
         return pairs[len(pairs) - math.ceil(round(which * len(pairs), 9)):]  # round: 1/3·6 may be 2.0000000001
     if isinstance(which, (list, tuple, set)) and all(isinstance(w, str) for w in which):
-        named = {w: p for p in pairs for n in p[0].nodes[:-1] for w in where(gm, n)}
+        named = {w: p for p in pairs for w in names_of(p)[:-1]}
         unknown = [w for w in which if w not in named]
         if unknown:
             raise InputError(f"which names {unknown}, which belong to no collapsible pair. Name a layer or "
-                             f"activation of one of: {[' → '.join(where(gm, n)[0] for n in p[0].nodes) for p in pairs]}.")
+                             f"activation of one of: {[' → '.join(names_of(p)) for p in pairs]}.")
         chosen = {id(named[w]) for w in which}
         return [p for p in pairs if id(p) in chosen]
     raise InputError(f"which={which!r}: pass 'all', a fraction such as 0.4, or a list of module names.")
@@ -161,20 +175,35 @@ def _new_prelu(gm: fx.GraphModule, chain: Chain, act: fx.Node, per_channel: bool
 
 
 def prepare_collapse(model: nn.Module, example_inputs: Any = None, *, which: str | float | Sequence[str] = "all",
-                     per_channel: bool = False, leaf_modules=(), concrete_args: dict | None = None) -> fx.GraphModule:
-    """A new GraphModule computing ``model`` with the chosen pairs' activations swapped for PReLUs.
+                     per_channel: bool = False, keep_class: bool | None = None, leaf_modules=(),
+                     concrete_args: dict | None = None) -> nn.Module:
+    """A copy of ``model`` with the chosen pairs' activations swapped for PReLUs: of its own class
+    where every chosen activation is one submodule (then that submodule is replaced by an
+    ``nn.PReLU``, recorded in a transformers config for ``fxfuse.from_pretrained``), else a
+    GraphModule computing ``model`` with PReLU nodes.
 
     ``which``: ``"all"`` collapsible pairs, a fraction of them counted from the end (0.4, as the
     paper), or module names (a pair's first layer or activation). ``per_channel``: one slope per
-    hidden channel instead of one per pair. ``example_inputs`` are optional (they prove a Linear
-    output's rank for ``per_channel``).
+    hidden channel instead of one per pair (a GraphModule). ``keep_class``: None (default) as
+    above; True: the model's class or ``UnsupportedModelError``; False: always a GraphModule.
+    ``example_inputs`` prove a Linear output's rank for ``per_channel``, and are needed for models
+    that only torch.export captures (transformers 5).
 
-    ``model`` (in eval mode) is not changed. GELU becomes ReLU first, so a GELU model's function
-    changes slightly; ReLU, LeakyReLU and PReLU are kept exactly. The pairs are in
-    ``collapse_pairs(gm)``, the ones left alone with their reasons in ``gm.meta['fxfuse_prepare_skipped']``.
+    The pairs: on a torch.fx.symbolic_trace graph the chains Linear/Conv → [BatchNorm | Dropout]*
+    → act → [...]* → Linear/Conv; on an exported graph (a model symbolic_trace cannot capture)
+    the feed-forward sublayers with one up projection (``ff_pairs``: Linear or GPT-2's Conv1D).
+
+    ``model`` is not changed. GELU becomes ReLU first, so a GELU model's function changes
+    slightly; ReLU, LeakyReLU and PReLU are kept exactly. The pairs are in ``collapse_pairs(result)``,
+    the ones left alone with their reasons in ``skipped_of(result)``.
     """
     inputs = as_inputs(example_inputs)
-    gm = capture(model, inputs, method="fx", leaf_modules=leaf_modules, concrete_args=concrete_args)
+    try:
+        gm = capture(model, inputs, method="fx", leaf_modules=leaf_modules, concrete_args=concrete_args)
+    except TraceError:
+        if keep_class is False or per_channel or inputs is None:
+            raise
+        return _prepare_feedforwards(model, inputs, which)
     gm.meta.pop(EAGER_KEY, None)
     if inputs is not None:
         check_inputs(gm, inputs)  # also fills the shapes (tensor_meta) that per_channel needs
@@ -184,7 +213,24 @@ def prepare_collapse(model: nn.Module, example_inputs: Any = None, *, which: str
             f"{type(model).__name__} has no Linear → activation → Linear (or Conv → act → Conv) pair that "
             f"would pay to collapse. Left alone: {skipped or 'none found'}. Fix: collapsible pairs widen "
             "(n_hidden > n_in·n_out/(n_in + n_out)) and their hidden values have no other user.")
-    for chain, act, gain in _select(gm, pairs, which):
+    chosen = _select(pairs, which, lambda p: [w for n in p[0].nodes for w in where(gm, n)])
+    if keep_class is not False and not per_channel:
+        places = [sole_module(gm, [act.output], f"the activation {act.output.name}") for _, act, _ in chosen]
+        if all(path for path, _ in places):
+            acts = [(path, tuple(chain_where(gm, chain)), gain) for (chain, _, gain), (path, _) in zip(chosen, places)]
+            return _swap_activations(model, acts, skipped)
+        reason = next(r for p, r in places if not p)
+        if keep_class:
+            raise UnsupportedModelError(f"prepare_collapse(keep_class=True): {reason}. "
+                                        "Fix: keep_class=None returns a GraphModule instead.")
+        warnings.warn(f"prepare_collapse returns a GraphModule, not a {type(model).__name__}: {reason}, so no "
+                      "submodule can be swapped for a PReLU. (keep_class=False asks for the GraphModule.)", stacklevel=2)
+    return _prepare_graph(gm, chosen, skipped, per_channel)
+
+
+def _prepare_graph(gm: fx.GraphModule, chosen: list, skipped: list, per_channel: bool) -> fx.GraphModule:
+    """The chosen chains' activation nodes replaced by PReLU modules in ``gm``, roles in ``node.meta``."""
+    for chain, act, gain in chosen:
         names = tuple(chain_where(gm, chain))
         prelu = _new_prelu(gm, chain, act.output, per_channel)
         if isinstance(prelu, str):
@@ -197,9 +243,117 @@ def prepare_collapse(model: nn.Module, example_inputs: Any = None, *, which: str
     return gm
 
 
-def collapse_pairs(gm: fx.GraphModule) -> list[CollapsePair]:
-    """The pairs ``prepare_collapse`` prepared, in graph order, found by their role in the graph."""
-    return [n.meta[ROLE_KEY] for n in gm.graph.nodes if ROLE_KEY in n.meta]
+def _prepare_feedforwards(model: nn.Module, inputs, which) -> nn.Module:
+    """Module-level prepare of the FF pairs of ``model``'s exported graph (``ff_pairs``)."""
+    working = _copy(model).eval()
+    with without_cache(working):
+        gm = capture(working, inputs, method="export", inplace=True)
+    pairs, skipped = ff_pairs(gm)
+    slopes_of = {p.act: module_slope(working.get_submodule(p.act)) for p in pairs}
+    for p in pairs:
+        if slopes_of[p.act] is None:
+            skipped.append((list(p.where), f"{type(working.get_submodule(p.act)).__name__} has no PReLU that stands "
+                                           "for it (ReLU, GELU, LeakyReLU and PReLU do)"))
+    pairs = [p for p in pairs if slopes_of[p.act] is not None]
+    if not pairs:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no feed-forward Linear → activation → Linear pair that would pay to "
+            f"collapse. Left alone: {skipped or 'none found'}. Fix: LayerCollapse needs a widening MLP whose "
+            "activation a PReLU can stand for; a gated (SwiGLU) FF has none.")
+    chosen = _select(pairs, which, lambda p: list(p.where))
+    return _swap_activations(model, [(p.act, p.where, p.gain) for p in chosen], skipped)
+
+
+def _swap_activations(model: nn.Module, acts: list[tuple[str, tuple[str, ...], float]], skipped: list) -> nn.Module:
+    """A copy of ``model`` whose activation module at each path of ``acts`` (path, pair, gain) is
+    an ``nn.PReLU`` starting as that activation (``module_slope``; an existing PReLU is kept)."""
+    prepared = _copy(model)
+    swaps = {}
+    for path, _, _ in acts:
+        old = prepared.get_submodule(path)
+        if not isinstance(old, nn.PReLU):
+            like = next(prepared.parameters())
+            swaps[path] = nn.PReLU(1, init=float(module_slope(old))).to(device=like.device, dtype=like.dtype)
+    replace_modules(prepared, swaps)
+    setattr(prepared, PAIRS_ATTRIBUTE, [CollapsePair(path, where, gain) for path, where, gain in acts])
+    if getattr(prepared, "config", None) is not None:  # for fxfuse.from_pretrained
+        setattr(prepared.config, PAIRS_ATTRIBUTE, [[path, list(where), gain] for path, where, gain in acts])
+    setattr(prepared, SKIPPED_KEY, skipped)
+    return prepared
+
+
+@dataclass(frozen=True)
+class FFPair:
+    """A feed-forward sublayer up → φ → down whose two layers (Linear, or GPT-2's Conv1D) and
+    activation φ are each one submodule, as module paths; ``gain``: Eq. 7."""
+
+    ff: FeedForward
+    up: str
+    act: str
+    down: str
+    gain: float
+
+    @property
+    def where(self) -> tuple[str, str, str]:
+        return self.up, self.act, self.down
+
+
+def ff_pairs(gm: fx.GraphModule) -> tuple[list[FFPair], list[tuple[list[str], str]]]:
+    """The FFs of ``gm`` (``find_feedforwards``) that a module-level collapse can take, in graph
+    order, and the (where, reason) of the others: one up projection, layers and activation each
+    one submodule (``dense_modules``, ``sole_module``), a positive gain (Eq. 7)."""
+    names = tensor_names(gm)
+    pairs, skipped = [], []
+    for ff in find_feedforwards(gm):
+        if len(ff.ups) != 1:
+            skipped.append(([ff.name], "a gated FF (SwiGLU: φ(x·Wg) ⊙ (x·Wu) → Wd) is not linear even where φ is, "
+                                       "so it cannot collapse"))
+            continue
+        layers, reason = dense_modules(gm, ff, names)
+        act, reason = (None, reason) if layers is None else _activation_module(gm, ff, layers)
+        if act is None:
+            skipped.append(([ff.name], reason))
+            continue
+        (n_hidden, n_in), n_out = ff.ups[0].linear_weight.shape, ff.down.linear_weight.shape[0]
+        gain = collapse_gain(n_in, n_hidden, n_out)
+        if gain <= 0:
+            skipped.append(([layers[0], act, layers[1]], f"compression gain (Eq. 7) {gain:.2f} ≤ 0: "
+                                                          f"{n_in}→{n_hidden}→{n_out} is a bottleneck"))
+            continue
+        pairs.append(FFPair(ff, layers[0], act, layers[1], gain))
+    return pairs, skipped
+
+
+def _activation_module(gm: fx.GraphModule, ff: FeedForward, layers: list[str]) -> tuple[str | None, str]:
+    """The submodule computing what ``ff`` does between its two layers, or ``(None, why not)``."""
+    between = [n for n in ff.region if n.op != "get_attr" and not any(p in layers for _, p in module_calls(n))
+               and not (is_kind(gm, n, IDENTITY) or n.target in SHAPE_READS)]
+    if not between:
+        return None, "nothing between the layers: already linear, fxfuse.optimize collapses it as it stands"
+    return sole_module(gm, between, f"the activation of {ff.name}")
+
+
+def skipped_of(prepared: nn.Module) -> list[tuple[list[str], str]]:
+    """The pairs ``prepare_collapse`` left alone, with the reasons."""
+    return prepared.meta[SKIPPED_KEY] if isinstance(prepared, fx.GraphModule) else getattr(prepared, SKIPPED_KEY)
+
+
+def collapse_pairs(prepared: nn.Module) -> list[CollapsePair]:
+    """The pairs ``prepare_collapse`` prepared, in graph order: recorded on a module of the
+    user's class, found by their role in a GraphModule's graph."""
+    if not isinstance(prepared, fx.GraphModule):  # those whose PReLU is still there (not collapsed yet)
+        config = getattr(prepared, "config", None)
+        recorded = getattr(prepared, PAIRS_ATTRIBUTE, None) or [
+            CollapsePair(slope, tuple(where), gain) for slope, where, gain in getattr(config, PAIRS_ATTRIBUTE, ())]
+        return [p for p in recorded if isinstance(_submodule(prepared, p.slope), nn.PReLU)]
+    return [n.meta[ROLE_KEY] for n in prepared.graph.nodes if ROLE_KEY in n.meta]
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def prepared_pairs(gm: fx.GraphModule) -> list[CollapsePair]:

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxfuse.affine import affine_between, collapse_gain, fold_into_weights, is_between_op, new_linear
+from fxfuse.affine import affine_between, collapse_gain, collapsed_linear, is_between_op
 from fxfuse.match import find_chains, kinds
 from fxfuse.ir import BATCHNORM, LINEAR, PRELU, Op
 from fxfuse.pass_manager import Candidate, Options
@@ -58,11 +58,7 @@ def _bounds_on(first: Op, second: Op, deviation: float, x: torch.Tensor) -> tupl
 
 
 def _collapsed(first, second, affine) -> nn.Linear:
-    """W = W2·diag(s)·W1, b = W2·(s ⊙ b1 + t) + b2 in float64 (Eq. 3 with the affine between folded)."""
-    w1, b1 = fold_into_weights(first.weight, first.bias, affine)
-    w2 = second.weight.detach().double()
-    bias = w2 @ b1 + (0 if second.bias is None else second.bias.detach().double())
-    return new_linear(w2 @ w1, bias, first.weight)
+    return collapsed_linear(first.weight, first.bias, second.weight, second.bias, affine)
 
 
 class CollapseLinear:

@@ -30,7 +30,7 @@ def test_prepare_swaps_relu_for_slope_zero_prelu_exactly_and_leaves_the_model_al
     pairs = fxfuse.collapse_pairs(prepared)
     assert [p.where for p in pairs] == [("0", "1", "2", "3"), ("5", "6", "7")]
     assert [round(p.gain, 4) for p in pairs] == [round(1 - 12 * 10 / (96 * 22), 4), round(1 - 10 * 5 / (80 * 15), 4)]
-    assert "gain" in prepared.meta["fxfuse_prepare_skipped"][0][1]  # 96 → 10 → 80 would not pay
+    assert "gain" in fxfuse.skipped_of(prepared)[0][1]  # 96 → 10 → 80 would not pay
     assert count(prepared, nn.PReLU) == 2 and count(model, nn.PReLU) == 0
     assert all(a.item() == 0 for a in fxfuse.slopes(prepared))
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_pair_with_a_batchnorm_optimize_cannot_fold_is_not_prepared():
                           nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
     prepared = fxfuse.prepare_collapse(model, torch.randn(4, 8))
     assert len(fxfuse.collapse_pairs(prepared)) == 1
-    assert "track_running_stats=False" in prepared.meta["fxfuse_prepare_skipped"][0][1]
+    assert "track_running_stats=False" in fxfuse.skipped_of(prepared)[0][1]
     x = torch.randn(4, 8)
     assert torch.allclose(prepared(x), model(x), atol=1e-6)  # ReLU as PReLU(0): the same function
 
@@ -123,7 +123,7 @@ def test_an_existing_channelwise_prelu_keeps_its_slopes():
 def test_per_channel_on_token_linears_is_skipped_with_its_reason():
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
     prepared = fxfuse.prepare_collapse(model, torch.randn(2, 5, 8), per_channel=True)
-    assert count(prepared, nn.PReLU) == 0 and "rank-2" in prepared.meta["fxfuse_prepare_skipped"][0][1]
+    assert count(prepared, nn.PReLU) == 0 and "rank-2" in fxfuse.skipped_of(prepared)[0][1]
 
 
 # --- regulariser, AdamLC, loss -------------------------------------------------------------------
@@ -249,7 +249,10 @@ class FunctionalBlock(nn.Module):
 
 def test_functional_activation_becomes_a_prelu_with_its_slope():
     model, x = FunctionalBlock().eval(), torch.randn(4, 8)
-    prepared = fxfuse.prepare_collapse(model, x)
+    with pytest.warns(UserWarning, match="returns a GraphModule, not a FunctionalBlock: the activation leaky_relu "
+                                         "belongs to no one submodule call"):
+        prepared = fxfuse.prepare_collapse(model, x)
+    assert isinstance(prepared, torch.fx.GraphModule)
     (pair,) = fxfuse.collapse_pairs(prepared)
     assert pair.where == ("fc1", "leaky_relu", "fc2") and fxfuse.slopes(prepared)[0].item() == pytest.approx(0.2)
     with torch.no_grad():
@@ -284,7 +287,7 @@ class MethodRelu(nn.Module):
 
 def test_relu_called_as_a_method_is_prepared():
     model = MethodRelu().eval()
-    prepared = fxfuse.prepare_collapse(model)
+    prepared = fxfuse.prepare_collapse(model, keep_class=False)
     assert len(fxfuse.collapse_pairs(prepared)) == 1
     x = torch.randn(4, 8)
     assert torch.allclose(prepared(x), model(x), atol=1e-6)  # ReLU as PReLU(0)
