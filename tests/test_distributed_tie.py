@@ -1,5 +1,6 @@
 """Tie under torch.distributed: two gloo ranks on CPU, each calibrating on its half of the batches,
-find what one process finds on all of them. Oracle: the single-process run on the union — the
+find what one process finds on all of them, and a DistributedDataParallel fine-tune of the tied model
+on halves of each batch ends where one process's fine-tune on the whole batches ends. Oracle: the single-process run on the union — the
 feature sums (to 1e-12 in float64: only the order of additions differs), the permutations (also the
 planted ones), and the merged weights of ``fxfuse.tie`` (bit for bit); and both ranks alike."""
 import datetime
@@ -71,6 +72,22 @@ def run(data: list, distributed: bool) -> dict:
             "shared": [tied.blocks[a].ff is tied.blocks[j].ff for a in PAIRS for j in PAIRS[a]]}
 
 
+def fine_tune(tied: torch.nn.Module, shard: slice, ddp: bool) -> dict:
+    """Two SGD steps of next-token loss on ``shard`` of each training batch's rows, the model wrapped
+    in DistributedDataParallel when ``ddp`` (which averages the ranks' gradients: on equal halves, the
+    gradient of the mean loss over the whole batch that one process computes)."""
+    trained = torch.nn.parallel.DistributedDataParallel(tied) if ddp else tied
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
+    tied.train()
+    for x in batches()[:2]:
+        x = x[shard]
+        loss = torch.nn.functional.cross_entropy(trained(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in tied.state_dict().items()}
+
+
 def worker(rank: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'rendezvous')}", rank=rank,
@@ -79,6 +96,9 @@ def worker(rank: int, folder: str) -> None:
         data = batches()
         half = len(data) // WORLD
         out = run(data[rank * half:(rank + 1) * half], distributed=True)
+        tied = fxfuse.tie(model(), data[rank * half:(rank + 1) * half], windows=WINDOWS)
+        out["trained"] = fine_tune(tied, slice(rank, rank + 1), ddp=True)  # batches of 2 rows: one per rank
+        out["still_shared"] = [tied.blocks[a].ff is tied.blocks[j].ff for a in PAIRS for j in PAIRS[a]]
         # an evaluate that differs by rank picks different windows: every rank must refuse alike
         by_rank = lambda m: float(m.blocks[0].ff is m.blocks[1].ff) * (1 if rank == 0 else -1)  # noqa: E731
         try:
@@ -127,6 +147,12 @@ def test_two_ranks_on_halves_equal_one_process_on_all(tmp_path):
         assert out["state"].keys() == ref.keys() and out["shared"] == single["shared"] == [True, True]
         assert all(torch.equal(out["state"][k], ref[k]) for k in ref)
         assert out["diverged"] is not None and "chose different windows" in out["diverged"]
+
+    trained = fine_tune(fxfuse.tie(model(), batches(), windows=WINDOWS), slice(None), ddp=False)
+    assert not torch.equal(trained["blocks.0.ff.fc1.weight"], ref["blocks.0.ff.fc1.weight"])  # it trained
+    for out in ranks:  # DDP on halves = one process on the whole batch, up to float32 summation order
+        assert out["still_shared"] == [True, True] and out["trained"].keys() == trained.keys()
+        assert all(rel(out["trained"][k], trained[k]) <= 1e-5 for k in trained if trained[k].is_floating_point())
 
 
 def test_distributed_true_without_a_process_group_is_refused():
