@@ -52,7 +52,8 @@ TIES_KEY = "fxfuse_ties"  # config entry: {member module path: the path of the m
 MODULE_TOLERANCE = 1e-4  # a member module must reproduce its FF region on the first calibration batch
 
 
-def tie(model: nn.Module, calibration: Iterable | None = None, *, capture: str = "auto", **options) -> nn.Module:
+def tie(model: nn.Module, calibration: Iterable | None = None, *, capture: str = "auto", inplace: bool = False,
+        **options) -> nn.Module:
     """A copy of ``model``, of its own class, whose chosen windows of repeated FF submodules are
     one shared module holding their aligned average (``options``: ``fxfuse.Tie``'s, e.g. ``remove``,
     ``window``, ``evaluate``, ``align``, ``fuse``, ``anchor``, ``windows``, ``mask``).
@@ -61,7 +62,11 @@ def tie(model: nn.Module, calibration: Iterable | None = None, *, capture: str =
     or a dict of keyword arguments such as ``{"input_ids": ids}``); the first one is also the
     example the graph is captured on (``capture``: 'auto', 'export' or 'fx'). The features are
     collected in eval mode (with a transformers config's ``use_cache`` off while capturing); the
-    copy is returned in ``model``'s mode. ``model`` itself is never changed. ``fxfuse.report_of``
+    copy is returned in ``model``'s mode. ``model`` itself is never changed, unless ``inplace=True``:
+    then neither tie nor its capture copies the model (peak memory about the model's bytes plus one
+    FF window's statistics and float64 weights, ``benchmarks/tie_7b.py``) and ``model`` itself is
+    tied and returned — even if a later window fails, the windows tied before stay tied. Scoring by
+    ``evaluate`` still runs each window on a deep copy of the model. ``fxfuse.report_of``
     gives the rows (each merge's error on its FF outputs).
 
     Raises ``UnsupportedModelError`` when no candidate FF region is exactly one submodule's forward
@@ -74,12 +79,13 @@ def tie(model: nn.Module, calibration: Iterable | None = None, *, capture: str =
                          "cannot save or load. Fix: use fxfuse.optimize(model, inputs, tie=fxfuse.Tie(fuse='drop')).")
     settings.check()
     settings = dataclasses.replace(settings, calibration=_batches(settings, None))  # a generator is read once
-    working = _copy(model).eval()
+    training, params_before = model.training, count_params(model)
+    working = (model if inplace else _copy(model)).eval()
     with _without_cache(working):
-        gm = capture_graph(working, as_inputs(settings.calibration[0]), method=capture)
+        gm = capture_graph(working, as_inputs(settings.calibration[0]), method=capture, inplace=inplace)
         rows = run_tie(gm, settings, None, target=functools.partial(ModuleTarget, working))
-    working.train(model.training)
-    report = Report(rows=rows, params_before=count_params(model), params_after=count_params(working),
+    working.train(training)
+    report = Report(rows=rows, params_before=params_before, params_after=count_params(working),
                     capture=gm.meta["fxfuse_capture"])
     setattr(working, REPORT_ATTRIBUTE, report)
     return working
