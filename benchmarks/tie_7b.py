@@ -181,6 +181,9 @@ def markdown(r: dict) -> str:
              f"| parameters before → after | {r['params_before']:,} → {r['params_after']:,} |",
              f"| assignment alone, {r['assignment_alone']['size']}² uniform random | {r['assignment_alone']['seconds']} s |",
              "",
+             "Phases in the order they ended; capture … merge are parts of `fxfuse.tie total`, the assignment in "
+             "the run is part of plan (the rest of plan: Eq. 1 and the average). Capture includes fxfuse's eager "
+             "reference forward of the model before torch.export. The RSS timeline is in the JSON.", "",
              "| phase | seconds | VmHWM after (GiB) |", "|---|---|---|"]
     lines += [f"| {k} | {v} | {r['vmhwm_gib_after'].get(k, '')} |" for k, v in r["seconds"].items()]
     lines += ["", "Rows:", ""] + [f"- {row['status']} {row['where']}: {row['reason']} (error {row['error']})"
@@ -189,4 +192,7 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--markdown"]:  # the table again from a result file: --markdown benchmarks/results/tie_7b.json
+        Path(sys.argv[2]).with_suffix(".md").write_text(markdown(json.loads(Path(sys.argv[2]).read_text())))
+    else:
+        main()

@@ -63,8 +63,9 @@ def tie(model: nn.Module, calibration: Iterable | None = None, *, capture: str =
     example the graph is captured on (``capture``: 'auto', 'export' or 'fx'). The features are
     collected in eval mode (with a transformers config's ``use_cache`` off while capturing); the
     copy is returned in ``model``'s mode. ``model`` itself is never changed, unless ``inplace=True``:
-    then neither tie nor its capture copies the model (peak memory about the model's bytes plus one
-    FF window's statistics and float64 weights, ``benchmarks/tie_7b.py``) and ``model`` itself is
+    then neither tie nor its capture copies the model (with a data-free ``select``, peak memory is
+    about the model's bytes plus one window's H×H float64 cross sums and one float64 FF: Llama-2-7B
+    in bf16 peaks at 1.23× its bytes, ``benchmarks/results/tie_7b.md``) and ``model`` itself is
     tied and returned — even if a later window fails, the windows tied before stay tied. Scoring by
     ``evaluate`` still runs each window on a deep copy of the model. ``fxfuse.report_of``
     gives the rows (each merge's error on its FF outputs).
