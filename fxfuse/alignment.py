@@ -31,7 +31,11 @@ import torch
 
 @dataclass
 class FFWeights:
-    """One FF sublayer's weights, float64: ``ups`` = [(W, b)] with W (hidden, in); ``down`` (W (out, hidden), b)."""
+    """One FF sublayer's weights: ``ups`` = [(W, b)] with W (hidden, in); ``down`` (W (out, hidden), b).
+
+    float64 (``FeedForward.weights()``), except a tie plan's aligned members, which stay in the FF's
+    own dtype (a permutation only moves values, so it is exact in any dtype); ``average`` fuses in
+    float64 whatever the members' dtype."""
 
     ups: list[tuple[torch.Tensor, torch.Tensor | None]]
     down: tuple[torch.Tensor, torch.Tensor | None]
@@ -65,7 +69,9 @@ def mix(ffs: list[FFWeights], generator: torch.Generator) -> FFWeights:
 
 
 def _mean(tensors: list):
-    return None if tensors[0] is None else torch.stack(tensors).mean(0)
+    """The element-wise mean in float64 (converting bf16/fp16/fp32 to float64 is exact, so members
+    kept in their own dtype give the same mean bits as their float64 copies)."""
+    return None if tensors[0] is None else torch.stack(tensors).double().mean(0)
 
 
 @dataclass
@@ -89,8 +95,12 @@ class FeatureStats:
         self.sum_sq += (a * a).sum(0)
 
     def add_cross(self, partner: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Σ a bᵀ += aᵀb, added in place (one H×H update alive beside the sums, not two)."""
         update = a.double().T @ b.double()
-        self.cross[partner] = update if partner not in self.cross else self.cross[partner] + update
+        if partner in self.cross:
+            self.cross[partner] += update
+        else:
+            self.cross[partner] = update
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.sum / self.n
@@ -120,22 +130,42 @@ def all_reduce(stats: FeatureStats, group=None) -> FeatureStats:
     return stats
 
 
-def cross_correlation(a: FeatureStats, b: FeatureStats, cross_ab: torch.Tensor) -> torch.Tensor:
+CHUNK_ROWS = 512  # rows of C formed at a time: the temporaries are 512×H, not H×H (0.97 GB at H = 11008)
+
+
+def cross_correlation(a: FeatureStats, b: FeatureStats, cross_ab: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 1 from streaming sums: C_ij = (Σ a_i b_j / N − μa_i μb_j) / (σa_i σb_j).
 
     Dead neurons (σ = 0, e.g. a ReLU unit never active) correlate 0 with everything, never NaN.
+    Formed ``CHUNK_ROWS`` rows at a time, each element by the same operations as the whole-matrix
+    formula (so the same bits); the threshold's max over σa_i σb_j is max σa · max σb exactly
+    (rounding is monotone and σ ≥ 0). ``out``: the H×H float64 tensor to write C into — it may be
+    ``cross_ab`` itself, whose sums are then consumed (each row block is read before it is written).
     """
     mean_a, std_a = a.mean_std()
     mean_b, std_b = b.mean_std()
-    cov = cross_ab / a.n - torch.outer(mean_a, mean_b)
-    scale = torch.outer(std_a, std_b)
-    alive = scale > 1e-12 * max(scale.max().item(), 1e-300)
-    return torch.where(alive, cov / torch.where(alive, scale, torch.ones_like(scale)), torch.zeros_like(cov))
+    threshold = 1e-12 * max((std_a.max() * std_b.max()).item(), 1e-300)
+    out = torch.empty_like(cross_ab) if out is None else out
+    for start in range(0, cross_ab.shape[0], CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        cov = cross_ab[rows] / a.n - torch.outer(mean_a[rows], mean_b)
+        scale = torch.outer(std_a[rows], std_b)
+        alive = scale > threshold
+        out[rows] = torch.where(alive, cov / torch.where(alive, scale, torch.ones_like(scale)), torch.zeros_like(cov))
+    return out
 
 
-def match_permutation(correlation: torch.Tensor) -> torch.Tensor:
-    """Eq. 2: π maximising Σ_i C_{i,π(i)} by linear assignment (Jonker–Volgenant, via scipy)."""
+def match_permutation(correlation: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """Eq. 2: π maximising Σ_i C_{i,π(i)} by linear assignment (Jonker–Volgenant, via scipy).
+
+    scipy maximises by minimising −C, which it forms as a copy; ``overwrite=True`` negates
+    ``correlation`` in place instead (the same matrix, so the same π, one H×H copy fewer) and
+    leaves −C in it."""
     from scipy.optimize import linear_sum_assignment  # imported on use: scipy.optimize costs 0.3 s
 
-    rows, cols = linear_sum_assignment(correlation.cpu().numpy(), maximize=True)
+    if overwrite:
+        rows, cols = linear_sum_assignment(correlation.neg_().cpu().numpy())
+    else:
+        rows, cols = linear_sum_assignment(correlation.cpu().numpy(), maximize=True)
     return torch.as_tensor(cols[np.argsort(rows)], dtype=torch.long, device=correlation.device)

@@ -245,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="torch.export, symbolic_trace, or auto: export first (default)")
         p.add_argument("--out", default=default, help=f"ONNX file to write (default {default})")
         p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
-        p.add_argument("--opset", type=_opset, help="ONNX opset (default: the exporter's, 18)")
+        p.add_argument("--opset", type=_opset, help="ONNX opset (default: the exporter's own; the export report names it)")
         p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
                        help="make dim 0 of every input symbolic in the ONNX file, checked at batch 1 and 7 too "
                             "(default on)")

@@ -69,9 +69,9 @@ class Dense:
         """The weight in nn.Linear layout (out, in), a view in its own dtype."""
         return self.weight.T if self.transposed else self.weight
 
-    def matrix(self) -> torch.Tensor:
-        """The weight in nn.Linear layout (out, in), float64."""
-        return self.linear_weight.detach().double()
+    def matrix(self, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+        """The weight in nn.Linear layout (out, in), in ``dtype`` (None: its own, a view of it)."""
+        return self.linear_weight.detach().to(dtype or self.weight.dtype)
 
     def load(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         with torch.no_grad():
@@ -94,9 +94,11 @@ class FeedForward:
     signature: str = ""
     shapes: dict = field(default_factory=dict)  # outside sizes read inside (exported GPT-2): node -> axis of x
 
-    def weights(self) -> FFWeights:
-        ups = [(d.matrix(), _double(d.bias)) for d in self.ups]
-        return FFWeights(ups, (self.down.matrix(), _double(self.down.bias)))
+    def weights(self, dtype: torch.dtype | None = torch.float64) -> FFWeights:
+        """Its weights in ``dtype``; None: in their own dtype, as views of its tensors (no copy)."""
+        cast = lambda t: None if t is None else t.detach().to(dtype or t.dtype)  # noqa: E731
+        ups = [(d.matrix(dtype), cast(d.bias)) for d in self.ups]
+        return FFWeights(ups, (self.down.matrix(dtype), cast(self.down.bias)))
 
     def load(self, ff: FFWeights) -> None:
         for d, (w, b) in zip(self.ups, ff.ups):
@@ -366,7 +368,3 @@ def _origin(node: fx.Node) -> str:
         return node.target
     attrs = [a.target for a in node.all_input_nodes if a.op == "get_attr"]
     return attrs[0].rpartition(".")[0] if attrs else node.name
-
-
-def _double(t):
-    return None if t is None else t.detach().double()

@@ -47,7 +47,8 @@ from .verify import full_precision, precision_floor, rel_error
 MODULE_TOLERANCE = 1e-4  # a member module must reproduce its FF region on the first calibration batch
 
 
-def tie(model: nn.Module, calibration: Iterable | None = None, *, capture: str = "auto", **options) -> nn.Module:
+def tie(model: nn.Module, calibration: Iterable | None = None, *, capture: str = "auto", inplace: bool = False,
+        **options) -> nn.Module:
     """A copy of ``model``, of its own class, whose chosen windows of repeated FF submodules are
     one shared module holding their aligned average (``options``: ``fxfuse.Tie``'s, e.g. ``remove``,
     ``window``, ``evaluate``, ``align``, ``fuse``, ``anchor``, ``windows``, ``mask``).
@@ -56,7 +57,12 @@ def tie(model: nn.Module, calibration: Iterable | None = None, *, capture: str =
     or a dict of keyword arguments such as ``{"input_ids": ids}``); the first one is also the
     example the graph is captured on (``capture``: 'auto', 'export' or 'fx'). The features are
     collected in eval mode (with a transformers config's ``use_cache`` off while capturing); the
-    copy is returned in ``model``'s mode. ``model`` itself is never changed. ``fxfuse.report_of``
+    copy is returned in ``model``'s mode. ``model`` itself is never changed, unless ``inplace=True``:
+    then neither tie nor its capture copies the model (with a data-free ``select``, peak memory is
+    about the model's bytes plus one window's H×H float64 cross sums and one float64 FF: Llama-2-7B
+    in bf16 peaks at 1.23× its bytes, ``benchmarks/results/tie_7b.md``) and ``model`` itself is
+    tied and returned — even if a later window fails, the windows tied before stay tied. Scoring by
+    ``evaluate`` still runs each window on a deep copy of the model. ``fxfuse.report_of``
     gives the rows (each merge's error on its FF outputs).
 
     Raises ``UnsupportedModelError`` when no candidate FF is one submodule's forward nor made of
@@ -69,12 +75,13 @@ def tie(model: nn.Module, calibration: Iterable | None = None, *, capture: str =
                          "cannot save or load. Fix: use fxfuse.optimize(model, inputs, tie=fxfuse.Tie(fuse='drop')).")
     settings.check()
     settings = dataclasses.replace(settings, calibration=_batches(settings, None))  # a generator is read once
-    working = _copy(model).eval()
+    training, params_before = model.training, count_params(model)
+    working = (model if inplace else _copy(model)).eval()
     with without_cache(working):
-        gm = capture_graph(working, as_inputs(settings.calibration[0]), method=capture)
+        gm = capture_graph(working, as_inputs(settings.calibration[0]), method=capture, inplace=inplace)
         rows = run_tie(gm, settings, None, target=functools.partial(ModuleTarget, working))
-    working.train(model.training)
-    report = Report(rows=rows, params_before=count_params(model), params_after=count_params(working),
+    working.train(training)
+    report = Report(rows=rows, params_before=params_before, params_after=count_params(working),
                     capture=gm.meta["fxfuse_capture"])
     setattr(working, REPORT_ATTRIBUTE, report)
     return working

@@ -3,7 +3,8 @@ and linear CKA between FF outputs (Kornblith et al. 2019, as used by Verma et al
 
 Weight covariance of an FF: each hidden neuron i is a sample z_i = [W1[i, :], W2[:, i]] (and Wg[i, :]
 for SwiGLU), so Σ_W = cov(z) is (in + out)×(in + out) and, like the paper's measures, does not
-change when hidden neurons are permuted. All math in float64.
+change when hidden neurons are permuted. All math in float64, whatever the weights' dtype (their
+conversion to float64 is exact, so an FF's own bf16 weights give the bits of their float64 copy).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .alignment import FFWeights
 
 def neuron_samples(ff: FFWeights) -> torch.Tensor:
     """One row per hidden neuron: its incoming weights (every up projection) and outgoing weights."""
-    return torch.cat([w for w, _ in ff.ups] + [ff.down[0].T], dim=1)
+    return torch.cat([w for w, _ in ff.ups] + [ff.down[0].T], dim=1).double()
 
 
 def weight_gaussian(ff: FFWeights) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,9 +65,10 @@ def psd_sqrt(s: torch.Tensor) -> torch.Tensor:
 
 
 def euclidean(a: FFWeights, b: FFWeights) -> float:
-    """‖θa − θb‖_F over every weight matrix (the layer-fusion paper's ED baseline; order-sensitive)."""
+    """‖θa − θb‖_F over every weight matrix (the layer-fusion paper's ED baseline; order-sensitive).
+    One matrix pair in float64 at a time."""
     pairs = [(wa, wb) for (wa, _), (wb, _) in zip(a.ups, b.ups)] + [(a.down[0], b.down[0])]
-    return math.sqrt(sum((x - y).pow(2).sum().item() for x, y in pairs))
+    return math.sqrt(sum((x.double() - y.double()).pow(2).sum().item() for x, y in pairs))
 
 
 MEASURES = ("cosine", "kl", "bures", "euclidean")

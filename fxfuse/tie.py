@@ -288,7 +288,8 @@ def collect_features(gm, ffs, batches, pairs: dict[int, set], mask=None, members
 
 @dataclass
 class Plan:
-    """How one window is merged: its members aligned to the anchor, and the merged weights."""
+    """How one window is merged: its members aligned to the anchor (in their own dtype; the anchor's
+    and unpermuted members' are views of the FF's tensors), and the merged weights."""
 
     window: tuple[int, ...]
     aligned: dict[int, FFWeights]
@@ -296,16 +297,19 @@ class Plan:
 
 
 def plan_window(tie: Tie, ffs, window: Sequence[int], stats) -> Plan:
-    """Align every member to the anchor (Eqs. 1–2, or not for 'vanilla') and fuse them."""
+    """Align every member to the anchor (Eqs. 1–2, or not for 'vanilla') and fuse them.
+
+    Memory, for FFs of hidden width H (Llama-2-7B: H = 11008, an H×H float64 matrix is 0.97 GB):
+    every permutation is found first, one at a time, each from its own cross sums turned in place
+    into C (Eq. 1) and then −C (``match_permutation(overwrite=True)``), so the sums are consumed
+    (each pair belongs to one window: its anchor is at a fixed place in it) and one H×H matrix is
+    held; the aligned members are then kept in the FF's own dtype (exact: a permutation moves
+    values) and only the fused weights are float64, the same bits as fusing float64 copies."""
     if tie.fuse == "drop":
         return Plan(tuple(window), {}, None)
     a = anchor_of(tie, window)
-    aligned = {}
-    for i in window:
-        w = ffs[i].weights()
-        if i != a and tie.align == "permute":
-            w = permute(w, match_permutation(cross_correlation(stats[a], stats[i], stats[a].cross[i])))
-        aligned[i] = w
+    perms = {i: _permutation(stats[a], stats[i], i) for i in window if i != a and tie.align == "permute"}
+    aligned = {i: permute(ffs[i].weights(None), perms[i]) if i in perms else ffs[i].weights(None) for i in window}
     members = [aligned[i] for i in window]
     if tie.fuse == "mean":
         merged = average(members)
@@ -315,6 +319,12 @@ def plan_window(tie: Tie, ffs, window: Sequence[int], stats) -> Plan:
         middle = (len(ffs) - 1) / 2
         merged = aligned[min(window, key=lambda i: abs(i - middle))]
     return Plan(tuple(window), aligned, merged)
+
+
+def _permutation(anchor: FeatureStats, other: FeatureStats, other_index: int) -> torch.Tensor:
+    """Eqs. 1–2 for one member, consuming the anchor's cross sums with it (C is formed in their place)."""
+    cross = anchor.cross.pop(other_index)
+    return match_permutation(cross_correlation(anchor, other, cross, out=cross), overwrite=True)
 
 
 def build_shared(gm: fx.GraphModule, ff, weights: FFWeights) -> fx.GraphModule:
@@ -346,10 +356,11 @@ def apply_plan(gm: fx.GraphModule, tie: Tie, members: list, plan: Plan, samples:
 
 
 def _weight_score(tie: Tie, ffs, window) -> float:
-    """Data-free: the mean distance (``tie.select``) of the window's members to its anchor."""
+    """Data-free: the mean distance (``tie.select``) of the window's members to its anchor (the
+    measures take the FFs' own tensors and convert to float64 inside)."""
     a = anchor_of(tie, window) if tie.fuse != "drop" else window[0]
     others = [i for i in window if i != a] or list(window)
-    return sum(distance(tie.selector, ffs[a].weights(), ffs[i].weights()) for i in others) / len(others)
+    return sum(distance(tie.selector, ffs[a].weights(None), ffs[i].weights(None)) for i in others) / len(others)
 
 
 def _evaluation_score(target, tie: Tie, plan: Plan) -> float:
