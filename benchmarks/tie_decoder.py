@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import platform
 import sys
@@ -27,6 +26,7 @@ from torch import nn
 
 import fxfuse
 from fxfuse.models import TinyDecoder
+from text_windows import checkpoint_bytes, windows  # benchmarks/, on sys.path when this script runs
 
 
 def corpus() -> str:
@@ -43,9 +43,7 @@ def encode(text: str) -> tuple[torch.Tensor, int]:
 
 def batches(data: torch.Tensor, count: int, batch: int, context: int, seed: int) -> list[torch.Tensor]:
     """``count`` batches of ``batch`` random windows of context + 1 characters."""
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(data) - context - 1, (count, batch), generator=g)
-    return [torch.stack([data[s:s + context + 1] for s in row]) for row in starts]
+    return list(windows(data, count * batch, context + 1, seed).view(count, batch, context + 1))
 
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -56,12 +54,6 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 def evaluate(model: nn.Module, data: list[torch.Tensor]) -> float:
     with torch.no_grad():
         return sum(lm_loss(model, b).item() for b in data) / len(data)
-
-
-def checkpoint_bytes(model: nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell()
 
 
 def train(model: nn.Module, data: list[torch.Tensor], steps: int, lr: float) -> list[float]:
