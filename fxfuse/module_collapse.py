@@ -46,8 +46,9 @@ def collapse(model: nn.Module, example_inputs: Any, *, tau: float = 1e-4, tolera
 
     Each collapse is checked on the pair's own inputs (max relative error ≤ ``tolerance`` when
     exact, ≤ ``approx_tolerance`` when a slope is not exactly 1), and the whole copy against
-    ``model`` on ``example_inputs``. ``model`` is not changed. Raises ``UnsupportedModelError`` when
-    no pair can be collapsed in the module tree (``fxfuse.optimize`` collapses graphs).
+    ``model`` on ``example_inputs``. ``model`` is not changed. Where nothing can be collapsed (a
+    gated FF, a slope far from 1, an activation not yet prepared) the copy is returned as it was,
+    the rows saying why, as ``fxfuse.optimize`` does.
     """
     start = time.perf_counter()
     inputs = as_inputs(example_inputs)
@@ -64,15 +65,12 @@ def collapse(model: nn.Module, example_inputs: Any, *, tau: float = 1e-4, tolera
         replacements: dict[str, nn.Module] = {}
         for pair in pairs:
             rows.append(_collapse_pair(working, pair, samples, replacements, tau, tolerance, approx_tolerance))
+        if not rows:
+            rows.append(Row(PASS_NAME, "skipped", [], reason="no feed-forward sublayer (Linear → activation → "
+                                                             "Linear) found in the graph"))
         applied = [r for r in rows if r.status == "applied"]
-        if not applied:
-            raise UnsupportedModelError(
-                f"fxfuse.collapse found no FF pair to collapse in {type(model).__name__}: "
-                f"{'; '.join(f'{r.where}: {r.reason}' for r in rows) or 'no feed-forward sublayer'}. Fix: "
-                "fxfuse.prepare_collapse(model, inputs) and train the PReLU slopes to 1 (finetune_collapse), "
-                "or collapse the graph with fxfuse.optimize(model, inputs).")
         replace_modules(working, replacements)
-        error = _check_end_to_end(working, inputs, reference, max(r.tolerance for r in applied))
+        error = _check_end_to_end(working, inputs, reference, max(r.tolerance for r in applied)) if applied else 0.0
     working.train(model.training)
     report = Report(rows=rows, params_before=count_params(model), params_after=count_params(working),
                     error=error, capture=gm.meta["fxfuse_capture"], seconds=time.perf_counter() - start)

@@ -146,12 +146,17 @@ def test_the_trainer_trains_the_prepared_slopes_and_the_collapsed_model(tmp_path
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_gated_ffs_are_refused_with_the_reason(name):
+def test_gated_ffs_are_refused_with_the_reason_and_the_class_stays(name):
+    """SwiGLU's φ(x·Wg) ⊙ (x·Wu) is not linear even where φ is: nothing to prepare, nothing collapses."""
     model, kwargs, _ = HF_MODELS[name]()
     with pytest.raises(fxfuse.UnsupportedModelError, match="SwiGLU"):
         fxfuse.prepare_collapse(model, kwargs)
-    with pytest.raises(fxfuse.UnsupportedModelError, match="no FF pair to collapse.*SwiGLU"):
-        fxfuse.collapse(model, kwargs)
+    same = fxfuse.collapse(model, kwargs)
+    assert type(same) is type(model) and same is not model and n_params(same) == n_params(model)
+    rows = fxfuse.report_of(same).rows
+    layers = model.config.num_hidden_layers
+    assert [r.status for r in rows] == ["skipped"] * layers and all("SwiGLU" in r.reason for r in rows)
+    assert torch.equal(outputs(same, kwargs), outputs(model, kwargs))
 
 
 def test_slopes_near_one_collapse_approximately_with_the_error_reported_and_far_ones_are_refused():
@@ -166,8 +171,8 @@ def test_slopes_near_one_collapse_approximately_with_the_error_reported_and_far_
     assert len(applied) == 1 and not applied[0].exact and 0 < applied[0].error <= 1e-2
     assert len(skipped) == 1 and "max|α−1| = 0.5 > τ" in skipped[0].reason
     assert type(small.get_submodule(skipped[0].where[1])) is nn.PReLU  # left as it was
-    with pytest.raises(fxfuse.UnsupportedModelError, match="no FF pair"):
-        fxfuse.collapse(prepared, kwargs, tau=1e-6)
+    strict = fxfuse.collapse(prepared, kwargs, tau=1e-6)
+    assert n_params(strict) == n_params(prepared) and {r.status for r in fxfuse.report_of(strict).rows} == {"skipped"}
 
 
 @pytest.mark.parametrize("capture", ["export", "fx"])

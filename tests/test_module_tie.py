@@ -302,3 +302,22 @@ def test_an_ff_inside_a_larger_module_is_refused_on_either_capture(capture):
     model = torch.nn.Sequential(Residual(), Residual()).eval()
     with pytest.raises(fxfuse.UnsupportedModelError, match=r"only part of 0 \(Residual\), which also computes"):
         fxfuse.tie(model, [torch.randn(2, 4, 16)], capture=capture)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "bert", "vit"])
+def test_the_trainer_steps_a_tied_model_of_each_class_and_keeps_the_ties(arch, tmp_path):
+    """(LlamaForCausalLM: tests/test_tied_training.py, with the summed gradient and LoRA.)"""
+    model = {"gpt2": gpt2, "qwen2": qwen2, "bert": bert, "vit": vit}[arch]()
+    batches = calibration() if arch in BUILDERS else encoder_batches(arch)
+    tied = fxfuse.tie(model, batches, windows=[(0, 1)])
+    ties = dict(tied.config.fxfuse_ties)
+    before = {k: v.clone() for k, v in tied.state_dict().items()}
+    rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(2)]
+    data = [{**r, "labels": r["input_ids"] if arch in BUILDERS else torch.tensor(i % 3)} for i, r in enumerate(rows)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                          learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no")
+    transformers.Trainer(model=tied, args=args, train_dataset=data).train()
+    assert type(tied) is type(model) and all(tied.get_submodule(m) is tied.get_submodule(s) for m, s in ties.items())
+    shared = set(ties.values())
+    assert any(not torch.equal(v, before[k]) for k, v in tied.state_dict().items()
+               if any(k.startswith(s + ".") for s in shared))  # the shared weights train
