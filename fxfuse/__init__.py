@@ -10,6 +10,12 @@ LayerCollapse training (make a GELU/ReLU model collapsible first):
     history = fxfuse.finetune_collapse(prepared, model, batches, epochs=10)   # model: the teacher
     passed = [p for p in fxfuse.collapse_pairs(prepared) if p.slope in history[-1]["done"]]
     gm = fxfuse.optimize(prepared, example_inputs, tau=fxfuse.max_slope_deviation(prepared, passed))
+    small = fxfuse.collapse(prepared, example_inputs, tau=...)    # or: the model's own class, not a graph
+
+The model's own class back (transformers models stay transformers models):
+
+    tied = fxfuse.tie(model, calibration=batches, remove=4, evaluate=val_loss)
+    tied.save_pretrained("out"); again = fxfuse.from_pretrained(AutoModelForCausalLM, "out")
 """
 from .analysis import Analysis, analyze
 from .errors import (ExportError, FxfuseError, InputError, PassError, TraceError, UnsupportedModelError,

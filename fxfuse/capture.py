@@ -93,11 +93,14 @@ def check_model(model: Any, needs_values: bool = True) -> None:
 
 def capture(model: nn.Module | torch.export.ExportedProgram, inputs: Inputs | None = None, *, method: str = "auto",
             inplace: bool = False, leaf_modules: Iterable[type] = (), concrete_args: dict | None = None,
-            needs_values: bool = True) -> fx.GraphModule:
+            needs_values: bool = True, reference: bool = True) -> fx.GraphModule:
     """The graph of (a copy of) ``model``: an ``ExportedProgram`` or a GraphModule as it is,
     an ``nn.Module`` by ``method`` ("export", "fx", or "auto": ``AUTO_ORDER``, first that works).
     ``leaf_modules``/``concrete_args`` are symbolic_trace's and imply "fx". ``gm.meta['fxfuse_capture']``
-    says which capture made the graph; ``needs_values=False``: see ``check_model``."""
+    says which capture made the graph; ``needs_values=False``: see ``check_model``. With inputs,
+    the model's own output on them is ``gm.meta[EAGER_KEY]`` (what ``optimize`` checks the capture
+    against); ``reference=False`` skips that call, for a caller that checks otherwise (a 7B model's
+    forward takes minutes on a CPU)."""
     if method not in ("auto", *CAPTURES):
         raise InputError(f"capture={method!r}: pass 'auto', 'export' (torch.export) or 'fx' (torch.fx.symbolic_trace).")
     if isinstance(model, torch.export.ExportedProgram):
@@ -116,7 +119,7 @@ def capture(model: nn.Module | torch.export.ExportedProgram, inputs: Inputs | No
             "m = copy.deepcopy(model); m._forward_hooks.clear(); m._forward_pre_hooks.clear(); "
             "gm = fxfuse.optimize(m, ...); gm.register_forward_hook(hook).")
     methods = ("fx",) if leaf_modules or concrete_args is not None else AUTO_ORDER if method == "auto" else (method,)
-    eager = None if inputs is None or not needs_values else run_model(target, inputs)
+    eager = None if inputs is None or not needs_values or not reference else run_model(target, inputs)
     failures = []
     for name in methods:
         if name == "export" and inputs is None:

@@ -78,7 +78,8 @@ def tie(model: nn.Module, calibration: Iterable | None = None, *, capture: str =
     training, params_before = model.training, count_params(model)
     working = (model if inplace else _copy(model)).eval()
     with without_cache(working):
-        gm = capture_graph(working, as_inputs(settings.calibration[0]), method=capture, inplace=inplace)
+        gm = capture_graph(working, as_inputs(settings.calibration[0]), method=capture, inplace=inplace,
+                           reference=False)  # each tied module is checked on its own FF's values instead
         rows = run_tie(gm, settings, None, target=functools.partial(ModuleTarget, working))
     working.train(training)
     report = Report(rows=rows, params_before=params_before, params_after=count_params(working),
