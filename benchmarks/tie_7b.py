@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
     model_bytes = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, 32000, (1, args.tokens), generator=g)} for _ in range(args.batches)]
-    for owner, name, phase in [(module_tie, "capture_graph", "capture (eager reference run + torch.export)"),
+    for owner, name, phase in [(module_tie, "capture_graph", "capture (torch.export)"),
                                (tie_module, "collect_features", "calibration"),
                                (tie_module, "_weight_score", "scoring (euclidean)"),
                                (tie_module, "plan_window", "plan (correlation, assignment, average)"),
@@ -182,8 +182,8 @@ def markdown(r: dict) -> str:
              f"| assignment alone, {r['assignment_alone']['size']}² uniform random | {r['assignment_alone']['seconds']} s |",
              "",
              "Phases in the order they ended; capture … merge are parts of `fxfuse.tie total`, the assignment in "
-             "the run is part of plan (the rest of plan: Eq. 1 and the average). Capture includes fxfuse's eager "
-             "reference forward of the model before torch.export. The RSS timeline is in the JSON.", "",
+             "the run is part of plan (the rest of plan: Eq. 1 and the average). Capture is torch.export alone "
+             "(fxfuse.tie skips the model's own eager call). The RSS timeline is in the JSON.", "",
              "| phase | seconds | VmHWM after (GiB) |", "|---|---|---|"]
     lines += [f"| {k} | {v} | {r['vmhwm_gib_after'].get(k, '')} |" for k, v in r["seconds"].items()]
     lines += ["", "Rows:", ""] + [f"- {row['status']} {row['where']}: {row['reason']} (error {row['error']})"
