@@ -31,7 +31,7 @@ from .errors import InputError, UnsupportedModelError, VerificationError
 from .inputs import as_inputs
 from .module_tree import replace_modules, without_cache
 from .optimize import REPORT_ATTRIBUTE
-from .prepare import FFPair, ff_pairs
+from .prepare import FFPair, ff_pairs, module_slope
 from .report import Report, Row, count_params
 from .verify import full_precision, precision_floor, record, rel_error
 
@@ -57,7 +57,9 @@ def collapse(model: nn.Module, example_inputs: Any, *, tau: float = 1e-4, tolera
                          "Fix: pass a batch the model takes, e.g. fxfuse.collapse(model, {'input_ids': ids}).")
     working = _copy(model).eval()
     with without_cache(working):
+        captured = time.perf_counter()
         gm = capture_graph(working, inputs, method=capture, inplace=True)
+        captured = time.perf_counter() - captured
         pairs, skipped = ff_pairs(gm)
         samples = record(gm, inputs, {n for p in pairs for n in (p.ff.x, p.ff.y)})
         reference = gm.meta.pop(EAGER_KEY)  # the model's own output on the inputs, before any change
@@ -73,7 +75,8 @@ def collapse(model: nn.Module, example_inputs: Any, *, tau: float = 1e-4, tolera
         error = _check_end_to_end(working, inputs, reference, max(r.tolerance for r in applied)) if applied else 0.0
     working.train(model.training)
     report = Report(rows=rows, params_before=count_params(model), params_after=count_params(working),
-                    error=error, capture=gm.meta["fxfuse_capture"], seconds=time.perf_counter() - start)
+                    error=error, capture=gm.meta["fxfuse_capture"], seconds=time.perf_counter() - start,
+                    capture_seconds=captured)
     setattr(working, REPORT_ATTRIBUTE, report)
     return working
 
@@ -88,8 +91,9 @@ def _collapse_pair(model: nn.Module, pair: FFPair, samples: dict, replacements: 
                                                        "call fxfuse.collapse again to collapse it too")
     prelu = model.get_submodule(pair.act)
     if type(prelu) is not nn.PReLU:
-        return Row(PASS_NAME, "skipped", where, reason=f"the activation is a {type(prelu).__name__}, not a PReLU: "
-                                                       "fxfuse.prepare_collapse and train its slope to 1 first")
+        fix = ("fxfuse.prepare_collapse and train its slope to 1 first" if module_slope(prelu) is not None
+               else "no PReLU stands for it, so it cannot be prepared")
+        return Row(PASS_NAME, "skipped", where, reason=f"the activation is a {type(prelu).__name__}, not a PReLU: {fix}")
     up, down = pair.ff.ups[0], pair.ff.down
     affine = ChannelAffine.identity(up.linear_weight.shape[0], up.weight.device).then_prelu(prelu.weight, tau)
     if isinstance(affine, str):

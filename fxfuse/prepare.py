@@ -218,7 +218,7 @@ def prepare_collapse(model: nn.Module, example_inputs: Any = None, *, which: str
         places = [sole_module(gm, [act.output], f"the activation {act.output.name}") for _, act, _ in chosen]
         if all(path for path, _ in places):
             acts = [(path, tuple(chain_where(gm, chain)), gain) for (chain, _, gain), (path, _) in zip(chosen, places)]
-            return _swap_activations(model, acts, skipped)
+            return _swap_activations(_copy(model), acts, skipped)
         reason = next(r for p, r in places if not p)
         if keep_class:
             raise UnsupportedModelError(f"prepare_collapse(keep_class=True): {reason}. "
@@ -261,13 +261,14 @@ def _prepare_feedforwards(model: nn.Module, inputs, which) -> nn.Module:
             f"collapse. Left alone: {skipped or 'none found'}. Fix: LayerCollapse needs a widening MLP whose "
             "activation a PReLU can stand for; a gated (SwiGLU) FF has none.")
     chosen = _select(pairs, which, lambda p: list(p.where))
-    return _swap_activations(model, [(p.act, p.where, p.gain) for p in chosen], skipped)
+    return _swap_activations(working.train(model.training), [(p.act, p.where, p.gain) for p in chosen], skipped)
 
 
-def _swap_activations(model: nn.Module, acts: list[tuple[str, tuple[str, ...], float]], skipped: list) -> nn.Module:
-    """A copy of ``model`` whose activation module at each path of ``acts`` (path, pair, gain) is
-    an ``nn.PReLU`` starting as that activation (``module_slope``; an existing PReLU is kept)."""
-    prepared = _copy(model)
+def _swap_activations(prepared: nn.Module, acts: list[tuple[str, tuple[str, ...], float]],
+                      skipped: list) -> nn.Module:
+    """``prepared`` (a copy of the user's model) with the activation module at each path of ``acts``
+    (path, pair, gain) an ``nn.PReLU`` starting as that activation (``module_slope``; an existing
+    PReLU is kept), the pairs recorded."""
     swaps = {}
     for path, _, _ in acts:
         old = prepared.get_submodule(path)

@@ -22,7 +22,6 @@ from functools import partial
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from fxfuse.affine import affine_between, collapse_gain, collapsed_linear, is_between_op
 from fxfuse.match import find_chains, kinds
@@ -57,10 +56,6 @@ def _bounds_on(first: Op, second: Op, deviation: float, x: torch.Tensor) -> tupl
     return collapse_error_bounds(first.weight, first.bias, second.weight, x_norm, deviation)
 
 
-def _collapsed(first, second, affine) -> nn.Linear:
-    return collapsed_linear(first.weight, first.bias, second.weight, second.bias, affine)
-
-
 class CollapseLinear:
     name = "collapse"
 
@@ -84,7 +79,7 @@ class CollapseLinear:
                 plain = (not any(op.kind == BATCHNORM for op in chain.middle)
                          and sum(op.kind == PRELU for op in chain.middle) <= 1)
                 bounds = partial(_bounds_on, first, second, affine.slope_deviation) if plain else None
-                found.append(Candidate(chain, build=partial(_collapsed, first, second, affine), exact=affine.exact,
+                found.append(Candidate(chain, build=partial(collapsed_linear, first.weight, first.bias, second.weight, second.bias, affine), exact=affine.exact,
                                        tolerance=options.tolerance if affine.exact else options.approx_tolerance,
                                        bounds=None if affine.exact else bounds, input_rank=affine.rank,
                                        cost=n_out * n_hidden * n_in))
